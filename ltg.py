@@ -1,0 +1,509 @@
+"""Longtail Guidance (Hayden et al., "Generative Data Mining with Longtail-Guided Diffusion", ICML 2025).
+
+A predictor f flags what it finds rare or hard through a longtail signal: the uncertainty of an
+Epistemic Head on its stop-gradient features (Eqn 4). Longtail Guidance (Algorithm 1) steers a
+latent diffusion model towards images that raise that signal:
+
+    z_T ~ N(0, I)
+    for t = T-1 ... 0:
+        zhat0   = (z_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)          # Eqn 8
+        xhat0   = D(zhat0)                                               # decode the clean estimate
+        s       = f_lt(xhat0)                                            # Eqn 4, the longtail signal
+        eps_hat = eps - w * sqrt(1 - abar_t) * grad_{z_t} s              # Eqn 11
+        z_{t-1} = sqrt(abar_{t-1}) * zhat0' + sqrt(1 - abar_{t-1}) * eps_hat   # Eqn 7 (DDIM, eta = 0)
+    return D(z_0)
+
+This file holds the math in order: the longtail signal (Eqn 4), the guided DDIM update
+(Eqns 11, 8, 7). Each op has a pure-torch reference and a fused kernel from the `_ltg` extension
+(csrc/); the reference is the definition, the kernel must agree with it.
+"""
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from tqdm.auto import tqdm
+
+try:
+    import _ltg
+except ImportError:  # the extension is optional: every op has a pure-torch reference
+    _ltg = None
+
+_warned_reference = False
+
+
+def backend(device="cpu"):
+    """Which implementation the ops use for tensors on `device`: 'fused' or 'reference'."""
+    if _ltg is None:
+        return "reference"
+    if torch.device(device).type == "cuda":
+        return "fused" if _ltg.has_cuda() else "reference"
+    return "fused"
+
+
+def _use_fused(fused, device):
+    global _warned_reference
+    available = backend(device) == "fused"
+    if fused is None:
+        if not available and not _warned_reference:
+            warnings.warn(f"ltg: fused kernels unavailable for {device}; using the pure-torch reference "
+                          "(build them with `pip install --no-build-isolation -e .`)", stacklevel=3)
+            _warned_reference = True
+        return available
+    if fused and not available:
+        raise RuntimeError(f"ltg: fused kernels requested but not built for device {device}")
+    return fused
+
+
+def _compute_dtype(dtype):
+    """Half and bfloat16 are computed in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Eqn 4: the longtail signal. K predictions per input from one forward pass of the Epistemic Head.
+#   p_k = softmax(logits_k),  pbar = mean_k p_k
+#   total U = H[pbar],  aleatoric A = mean_k H[p_k],  epistemic E = U - A  (>= 0 by Jensen)
+# ---------------------------------------------------------------------------------------------
+
+SIGNALS = ("total", "epistemic", "aleatoric")
+
+
+def longtail_signals_reference(logits):
+    """Eqn 4 in pure torch. logits [K, B, C] -> (total, aleatoric, epistemic), each [B]."""
+    K = logits.shape[0]
+    x = logits.to(_compute_dtype(logits.dtype))
+    logp = torch.log_softmax(x, dim=-1)                               # [K, B, C]
+    aleatoric = -(logp.exp() * logp).sum(-1).mean(0)                  # mean_k H[p_k], [B]
+    logpbar = torch.logsumexp(logp, dim=0) - math.log(K)              # log mean_k p_k, [B, C]
+    total = -(logpbar.exp() * logpbar).sum(-1)                        # H[pbar], [B]
+    epistemic = total - aleatoric
+    return tuple(u.to(logits.dtype) for u in (total, aleatoric, epistemic))
+
+
+class _FusedLongtailSignals(torch.autograd.Function):
+    """Eqn 4 with the fused kernel: one forward pass, and a fused backward that uses
+    dU/dx_kj = -p_kj (log pbar_j - sum_c p_kc log pbar_c) / K and
+    dA/dx_kj = -p_kj (log p_kj + H[p_k]) / K."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        total, aleatoric, epistemic, lse, logpbar = _ltg.entropy_forward(logits)
+        ctx.save_for_backward(logits, lse, logpbar)
+        return total, aleatoric, epistemic
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_aleatoric, grad_epistemic):
+        logits, lse, logpbar = ctx.saved_tensors
+        return _ltg.entropy_backward(grad_total.contiguous(), grad_aleatoric.contiguous(),
+                                     grad_epistemic.contiguous(), logits, lse, logpbar)
+
+
+def _check_logits(logits):
+    if logits.dim() != 3:
+        raise ValueError(f"ltg: logits must have shape [K, B, C], got {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"ltg: logits must be a floating tensor (float16, bfloat16, float32, float64), "
+                        f"got {logits.dtype}")
+    if min(logits.shape) == 0:
+        raise ValueError(f"ltg: logits must be non-empty, got shape {tuple(logits.shape)}")
+
+
+def longtail_signals(logits, fused=None):
+    """Eqn 4. logits [K, B, C] -> (total, aleatoric, epistemic), each [B], differentiable.
+
+    fused=None takes the fused kernel when it is built for the tensor's device, else the reference.
+    """
+    _check_logits(logits)
+    if _use_fused(fused, logits.device):
+        return _FusedLongtailSignals.apply(logits.contiguous())
+    return longtail_signals_reference(logits)
+
+
+def longtail_signal(logits, kind="total", fused=None):
+    """The guidance signal f_lt: one of 'total' (default, as in the paper), 'epistemic', 'aleatoric'."""
+    if kind not in SIGNALS:
+        raise ValueError(f"ltg: unknown signal {kind!r}; choose one of {', '.join(SIGNALS)}")
+    total, aleatoric, epistemic = longtail_signals(logits, fused)
+    return {"total": total, "aleatoric": aleatoric, "epistemic": epistemic}[kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Eqns 8, 11, 7: the guided DDIM update (eta = 0). grad = grad_{z_t} f_lt(D(zhat0)).
+# ---------------------------------------------------------------------------------------------
+
+def predict_clean_latent(z_t, eps, abar_t):
+    """Eqn 8: zhat0 = (z_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)."""
+    return (z_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+
+
+def ddim_alphas(scheduler, t):
+    """(abar_t, abar_prev) for DDIM timestep t of a diffusers DDIMScheduler, read as its step() reads them."""
+    prev_t = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    return float(scheduler.alphas_cumprod[int(t)]), float(abar_prev)
+
+
+def guided_ddim_step_reference(z_t, eps, grad, abar_t, abar_prev, w, return_eps=False):
+    """Eqns 11, 8, 7 in pure torch: z_prev (and eps_hat if return_eps), same shape and dtype as z_t."""
+    z, e, g = (u.to(_compute_dtype(z_t.dtype)) for u in (z_t, eps, grad))
+    eps_hat = e - w * math.sqrt(1.0 - abar_t) * g                                  # Eqn 11
+    z0_hat = predict_clean_latent(z, eps_hat, abar_t)                              # Eqn 8, from eps_hat
+    z_prev = math.sqrt(abar_prev) * z0_hat + math.sqrt(1.0 - abar_prev) * eps_hat  # Eqn 7
+    return (z_prev.to(z_t.dtype), eps_hat.to(z_t.dtype)) if return_eps else z_prev.to(z_t.dtype)
+
+
+def _check_step_inputs(z_t, eps, grad, abar_t, abar_prev, w):
+    for name, u in (("eps", eps), ("grad", grad)):
+        if u.shape != z_t.shape or u.dtype != z_t.dtype or u.device != z_t.device:
+            raise ValueError(f"ltg: {name} must match z_t in shape, dtype and device; got "
+                             f"{tuple(u.shape)} {u.dtype} {u.device} vs {tuple(z_t.shape)} {z_t.dtype} {z_t.device}")
+    if z_t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"ltg: z_t must be float16, bfloat16, float32 or float64, got {z_t.dtype}")
+    for name, a in (("abar_t", abar_t), ("abar_prev", abar_prev)):
+        if not 0.0 < a <= 1.0:
+            raise ValueError(f"ltg: {name} must lie in (0, 1], got {a}")
+    if not math.isfinite(w):
+        raise ValueError(f"ltg: guidance weight w must be finite, got {w}")
+
+
+def guided_ddim_step(z_t, eps, grad, abar_t, abar_prev, w, return_eps=False, fused=None):
+    """Eqns 11 + 8 + 7 in one pass: (z_t, eps, grad) of any one shape -> z_prev (, eps_hat).
+
+    abar_t, abar_prev: the cumulative alpha products at t and at the previous (less noisy) step;
+    w: the guidance weight (w = 0 is plain DDIM). Arithmetic is float32 for half types.
+    """
+    abar_t, abar_prev, w = float(abar_t), float(abar_prev), float(w)
+    _check_step_inputs(z_t, eps, grad, abar_t, abar_prev, w)
+    if _use_fused(fused, z_t.device):
+        z_prev, eps_hat = _ltg.guided_ddim_step(z_t.contiguous(), eps.contiguous(), grad.contiguous(),
+                                                abar_t, abar_prev, w, return_eps)
+        return (z_prev, eps_hat) if return_eps else z_prev
+    return guided_ddim_step_reference(z_t, eps, grad, abar_t, abar_prev, w, return_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Epistemic Head: K predictions per input in one forward pass, on the predictor's
+# stop-gradient penultimate features h = sg(phi(x)). Epinet (Osband et al.):
+#   logits_k = mu(x) + sigma_L(h, z_k) + prior_scale * sigma_P(h, z_k),   z_k ~ N(0, I_D)
+# or a deep ensemble of K linear heads on h. Either way the predictor's own outputs mu(x) and its
+# parameters are untouched: the head's loss sees only detached (h, mu).
+# ---------------------------------------------------------------------------------------------
+
+HEADS = ("epinet", "ensemble")
+
+
+def last_linear(model):
+    """The classifier's final nn.Linear (resnet.fc, classifier[-1], heads.head, ...): its input is h."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"ltg: {type(model).__name__} has no nn.Linear layer to read penultimate features from")
+    return linears[-1]
+
+
+class IndexMLP(nn.Module):
+    """sigma(h, z) = g([h, z])^T z: an MLP of features and an epistemic index, contracted with the index."""
+
+    def __init__(self, features, index_dim, classes, hidden):
+        super().__init__()
+        self.classes, self.index_dim = classes, index_dim
+        self.mlp = nn.Sequential(nn.Linear(features + index_dim, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, classes * index_dim))
+
+    def forward(self, h, z):                                                     # h [B, F], z [K, D]
+        K, B = z.shape[0], h.shape[0]
+        hz = torch.cat([h.expand(K, B, -1), z[:, None].expand(K, B, -1)], dim=-1)  # [K, B, F + D]
+        g = self.mlp(hz).view(K, B, self.classes, self.index_dim)                 # [K, B, C, D]
+        return torch.einsum("kbcd,kd->kbc", g, z)                                 # [K, B, C]
+
+
+class EpistemicHead(nn.Module):
+    """Wraps a classifier f (any torchvision classifier) and gives K logits per input: [K, B, C].
+
+    head(x) is differentiable in x (for guidance); head.loss(h, mu, y) trains the head alone.
+    In eval mode the K epistemic indices are fixed (the signal is a function of x); in train mode
+    they are drawn afresh each call.
+    """
+
+    def __init__(self, predictor, num_samples=16, kind="epinet", index_dim=8, hidden=50, prior_scale=1.0,
+                 seed=0):
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"ltg: unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+        if num_samples < 1:
+            raise ValueError(f"ltg: num_samples (K) must be >= 1, got {num_samples}")
+        self.predictor, self.kind, self.prior_scale = predictor, kind, prior_scale
+        fc = last_linear(predictor)
+        features, classes = fc.in_features, fc.out_features
+        g = torch.Generator().manual_seed(seed)
+        if kind == "epinet":
+            self.register_buffer("indices", torch.randn(num_samples, index_dim, generator=g))  # [K, D]
+            self.learnable = IndexMLP(features, index_dim, classes, hidden)
+            self.prior = IndexMLP(features, index_dim, classes, hidden).requires_grad_(False)
+        else:
+            bound = 1 / math.sqrt(features)
+            self.weight = nn.Parameter((torch.rand(num_samples, features, classes, generator=g) * 2 - 1) * bound)
+            self.bias = nn.Parameter((torch.rand(num_samples, classes, generator=g) * 2 - 1) * bound)
+
+    @property
+    def num_samples(self):
+        return (self.indices if self.kind == "epinet" else self.weight).shape[0]
+
+    def features_and_logits(self, x):
+        """One forward pass of the predictor: penultimate features h [B, F] and its logits mu [B, C]."""
+        captured = {}
+        hook = last_linear(self.predictor).register_forward_hook(lambda m, inputs, out: captured.update(h=inputs[0]))
+        try:
+            mu = self.predictor(x)
+        finally:
+            hook.remove()
+        return captured["h"], mu
+
+    def head_logits(self, h, mu):                                                # -> [K, B, C]
+        if self.kind == "ensemble":
+            return torch.einsum("bf,kfc->kbc", h, self.weight) + self.bias[:, None]
+        z = torch.randn_like(self.indices) if self.training else self.indices
+        return mu + self.learnable(h, z) + self.prior_scale * self.prior(h, z)
+
+    def forward(self, x):
+        return self.head_logits(*self.features_and_logits(x))
+
+    def loss(self, h, mu, y):
+        """Cross entropy averaged over the K members, on stop-gradient (h, mu): reaches the head only."""
+        logits = self.head_logits(h.detach(), mu.detach())                       # [K, B, C]
+        return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Denoisers: eps_theta(z_t, t) with classifier-free guidance, and the decoder D, for a latent
+# model (Stable Diffusion) and a pixel-space class-conditional model (D = identity). Algorithm 1
+# below runs the same code on both.
+# ---------------------------------------------------------------------------------------------
+
+def check_scheduler(scheduler):
+    """Algorithm 1 takes DDIM steps on an epsilon-predicting model without x0 clipping."""
+    config = scheduler.config
+    if not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(f"ltg: Algorithm 1 needs a DDIMScheduler, got {type(scheduler).__name__} "
+                         "(use DDIMScheduler.from_config(pipe.scheduler.config))")
+    if config.prediction_type != "epsilon" or config.clip_sample or config.thresholding:
+        raise ValueError(f"ltg: the scheduler must predict epsilon without clipping or thresholding; got "
+                         f"prediction_type={config.prediction_type!r}, clip_sample={config.clip_sample}, "
+                         f"thresholding={config.thresholding}")
+
+
+def _decode_with(vae, z0):
+    """D(z0): a diffusers autoencoder (AutoencoderKL, AutoencoderTiny) -> images in [-1, 1]."""
+    return vae.decode(z0 / vae.config.scaling_factor).sample
+
+
+class StableDiffusionDenoiser:
+    """A diffusers StableDiffusionPipeline conditioned on one prompt per image."""
+
+    def __init__(self, pipe, prompts, guidance_scale=7.5, negative_prompt=None, guidance_decoder=None,
+                 checkpoint_decoder=False):
+        self.unet, self.vae, self.guidance_scale = pipe.unet, pipe.vae, guidance_scale
+        self.guidance_vae = guidance_decoder or pipe.vae
+        if checkpoint_decoder:
+            self.guidance_vae.enable_gradient_checkpointing()
+        self.cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, self.cfg, negative_prompt)
+        self.embeds = torch.cat([uncond, cond]) if self.cfg else cond            # [2B or B, 77, 768]
+        size = pipe.unet.config.sample_size
+        self.latent_shape = (pipe.unet.config.in_channels, size, size)          # 4 x H/8 x W/8
+
+    def noise(self, z, t):                                                       # [B, 4, h, w]
+        if not self.cfg:
+            return self.unet(z, t, encoder_hidden_states=self.embeds).sample
+        uncond, cond = self.unet(torch.cat([z, z]), t, encoder_hidden_states=self.embeds).sample.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def decode(self, z0):                                                        # -> [B, 3, 8h, 8w]
+        return _decode_with(self.vae, z0)
+
+    def guidance_decode(self, z0):
+        return _decode_with(self.guidance_vae, z0)
+
+
+class ClassConditionalDenoiser:
+    """A pixel-space diffusers UNet2DModel with class embeddings; class `null_class` is the
+    unconditional one for classifier-free guidance. D is the identity."""
+
+    def __init__(self, unet, labels, guidance_scale=1.0, null_class=None):
+        self.unet, self.guidance_scale = unet, guidance_scale
+        self.cfg = guidance_scale != 1.0
+        self.labels = labels
+        null = unet.config.num_class_embeds - 1 if null_class is None else null_class
+        self.null = torch.full_like(labels, null)
+        self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+
+    def noise(self, z, t):                                                       # [B, c, h, w]
+        if not self.cfg:
+            return self.unet(z, t, class_labels=self.labels).sample
+        labels = torch.cat([self.null, self.labels])
+        uncond, cond = self.unet(torch.cat([z, z]), t, class_labels=labels).sample.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def decode(self, z0):
+        return z0
+
+    guidance_decode = decode
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 1: Longtail Guidance over DDIM.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Guidance:
+    """How Algorithm 1 guides. w = 0 is plain DDIM. Steps i (0 = noisiest) with
+    start <= i / N < end and i % every == 0 are guided. rescale: the gradient is scaled per sample
+    so that ||sqrt(1 - abar_t) grad|| = ||eps||, making w the guidance term's share of eps's norm."""
+    w: float = 0.0
+    signal: str = "total"
+    start: float = 0.0
+    end: float = 1.0
+    every: int = 1
+    through_unet: bool = False
+    rescale: bool = False
+
+    def __post_init__(self):
+        if not (math.isfinite(self.w) and self.w >= 0):
+            raise ValueError(f"ltg: guidance weight w must be finite and >= 0 (0 is plain DDIM), got {self.w}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"ltg: unknown signal {self.signal!r}; choose one of {', '.join(SIGNALS)}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"ltg: guidance window needs 0 <= start < end <= 1, got [{self.start}, {self.end})")
+        if self.every < 1:
+            raise ValueError(f"ltg: guidance every must be >= 1, got {self.every}")
+
+    def guides(self, i, num_steps):
+        return self.w > 0 and self.start <= i / num_steps < self.end and i % self.every == 0
+
+
+@dataclass
+class LTGOutput:
+    images: torch.Tensor          # [B, C, H, W] in [0, 1]
+    signal: torch.Tensor          # [B] the longtail signal of each final image
+    label: torch.Tensor           # [B] the predictor's label of each final image
+    skipped: torch.Tensor         # [B] guidance steps skipped for a non-finite gradient
+    guidance_ratio: list = field(default_factory=list)  # per guided step: mean ||w sqrt(1-abar) grad|| / ||eps||
+
+
+def image_signal(head, preprocess, kind):
+    """f_lt on decoded images x in [-1, 1]: the predictor sees preprocess((x + 1) / 2)."""
+    return lambda x: longtail_signal(head(preprocess((x + 1) / 2)), kind)
+
+
+def longtail_gradient(denoiser, signal_fn, z, t, abar_t, through_unet):
+    """eps and grad_{z_t} f_lt(D(zhat0)) [B, c, h, w]. With eps held constant (default),
+    grad_{z_t} = grad_{zhat0} / sqrt(abar_t); through_unet backpropagates through eps_theta too."""
+    with torch.enable_grad():
+        if through_unet:
+            z = z.detach().requires_grad_()
+            eps = denoiser.noise(z, t)
+            zhat0 = predict_clean_latent(z, eps, abar_t)                           # Eqn 8
+            grad, = torch.autograd.grad(signal_fn(denoiser.guidance_decode(zhat0)).sum(), z)
+            return eps.detach(), grad
+        with torch.no_grad():
+            eps = denoiser.noise(z, t)
+        zhat0 = predict_clean_latent(z, eps, abar_t).requires_grad_()            # Eqn 8
+        grad, = torch.autograd.grad(signal_fn(denoiser.guidance_decode(zhat0)).sum(), zhat0)
+        return eps, grad / math.sqrt(abar_t)
+
+
+def _per_sample_norm(u):
+    return u.flatten(1).float().norm(dim=1).view(-1, *[1] * (u.dim() - 1))
+
+
+def sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast=None, progress=True):
+    """Algorithm 1 from z_T [B, c, h, w] to z_0; returns (z_0, skipped [B], guidance ratios)."""
+    skipped = torch.zeros(z.shape[0], dtype=torch.long)
+    ratios = []
+    steps = scheduler.timesteps
+    amp = torch.autocast(z.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    for i, t in enumerate(tqdm(steps, desc="LTG sampling", disable=not progress, leave=False)):
+        abar_t, abar_prev = ddim_alphas(scheduler, t)
+        if guidance.guides(i, len(steps)):
+            with amp:
+                eps, grad = longtail_gradient(denoiser, signal_fn, z, t, abar_t, guidance.through_unet)
+            eps, grad = eps.to(z.dtype), grad.to(z.dtype)
+            finite = torch.isfinite(grad).flatten(1).all(dim=1)                   # [B]
+            skipped += (~finite).cpu()
+            grad = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), grad, 0.0)
+            if guidance.rescale:
+                grad = grad * _per_sample_norm(eps) / (math.sqrt(1 - abar_t) * _per_sample_norm(grad) + 1e-12)
+            term = guidance.w * math.sqrt(1 - abar_t) * _per_sample_norm(grad)
+            ratios.append((term / _per_sample_norm(eps)).mean().item())
+        else:
+            with torch.no_grad(), amp:
+                eps = denoiser.noise(z, t).to(z.dtype)
+            grad = torch.zeros_like(z)
+        z = guided_ddim_step(z, eps, grad, abar_t, abar_prev, guidance.w)       # Eqns 11 + 8 + 7
+    return z, skipped, ratios
+
+
+@torch.no_grad()
+def sample(denoiser, scheduler, head, generators, guidance=Guidance(), preprocess=None, num_inference_steps=50,
+           autocast=None, progress=True):
+    """Algorithm 1 end to end: z_T from one generator per image, guided DDIM, x = D(z_0).
+
+    head: an EpistemicHead (used in eval mode); preprocess: images in [0, 1] -> the predictor's
+    input, with differentiable ops (default: none).
+    """
+    check_scheduler(scheduler)
+    preprocess = preprocess or (lambda x: x)
+    device = next(head.parameters()).device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    shape = (len(generators), *denoiser.latent_shape)
+    z = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+    was_training = head.training
+    head.eval()
+    try:
+        signal_fn = image_signal(head, preprocess, guidance.signal)
+        z0, skipped, ratios = sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast, progress)
+        images = (denoiser.decode(z0).float() / 2 + 0.5).clamp(0, 1)            # [B, C, H, W]
+        h, mu = head.features_and_logits(preprocess(images))
+        signal = longtail_signal(head.head_logits(h, mu), guidance.signal)
+    finally:
+        head.train(was_training)
+    return LTGOutput(images, signal, mu.argmax(dim=1), skipped, ratios)
+
+
+def load_stable_diffusion(path_or_id="CompVis/stable-diffusion-v1-4", device="cpu", dtype=torch.float32):
+    """A diffusers StableDiffusionPipeline with a DDIMScheduler from a local folder or hub id."""
+    pipe = StableDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def sample_stable_diffusion(pipe, head, prompts, seeds, guidance=Guidance(), guidance_scale=7.5,
+                            negative_prompt=None, guidance_decoder=None, checkpoint_decoder=False, **kwargs):
+    """Longtail-guided images from a Stable Diffusion pipeline, one prompt and one seed per image.
+    kwargs go to `sample` (preprocess, num_inference_steps, autocast, progress)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"ltg: one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+    denoiser = StableDiffusionDenoiser(pipe, list(prompts), guidance_scale, negative_prompt, guidance_decoder,
+                                       checkpoint_decoder)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return sample(denoiser, pipe.scheduler, head, generators, guidance, **kwargs)
+
+
+def sample_class_conditional(unet, scheduler, head, labels, seeds, guidance=Guidance(), guidance_scale=1.0,
+                             **kwargs):
+    """Longtail-guided images from a pixel-space class-conditional UNet2DModel, one label and seed per image."""
+    if len(labels) != len(seeds):
+        raise ValueError(f"ltg: one seed per label: got {len(labels)} labels and {len(seeds)} seeds")
+    labels = torch.as_tensor(labels, device=unet.device)
+    denoiser = ClassConditionalDenoiser(unet, labels, guidance_scale)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return sample(denoiser, scheduler, head, generators, guidance, **kwargs)
