@@ -1,0 +1,88 @@
+"""Algorithm 1 on a Stable-Diffusion-shaped pipeline loaded through `from_pretrained`, as a user
+loads SD 1.4: a tiny one in the suite, the full SD 1.4 architecture behind LTG_FULL_SD=1."""
+
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+
+import ltg
+from test_sampler import tiny_head
+from tiny_sd import SD14, build_sd
+
+PROMPTS = [f"a photo of a {c}, a type of flower." for c in ("rose", "tulip", "daisy", "lily")] * 2
+SEEDS = list(range(8))
+
+
+@pytest.fixture
+def pipe(tiny_sd_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return ltg.load_stable_diffusion(tiny_sd_path)
+
+
+def sample(pipe, w=0.0, steps=8, **kwargs):
+    guidance = ltg.Guidance(w=w, **{k: kwargs.pop(k) for k in list(kwargs) if k in ("rescale", "signal")})
+    return ltg.sample_stable_diffusion(pipe, tiny_head(), PROMPTS, SEEDS, guidance, 7.5, num_inference_steps=steps,
+                                       progress=False, **kwargs)
+
+
+def test_zero_weight_reproduces_the_diffusers_pipeline(pipe):
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    expected = pipe(PROMPTS, num_inference_steps=8, guidance_scale=7.5, generator=generators, output_type="pt").images
+    out = sample(pipe, w=0.0)
+    assert out.images.shape == (8, 3, 64, 64)
+    torch.testing.assert_close(out.images, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rescale, ws", [(False, (0.0, 10.0, 50.0)), (True, (0.0, 0.1, 0.3))],
+                         ids=["raw", "rescaled"])
+def test_mean_signal_rises_with_weight(pipe, rescale, ws):
+    means = [sample(pipe, w, rescale=rescale).signal.mean().item() for w in ws]
+    assert means[0] < means[1] < means[2], f"mean signal at w={ws}: {means}"
+
+
+def test_rescaled_guidance_term_is_w_times_the_noise_norm(pipe):
+    out = sample(pipe, 0.3, rescale=True)
+    assert len(out.guidance_ratio) == 8
+    torch.testing.assert_close(torch.tensor(out.guidance_ratio), torch.full((8,), 0.3), rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_checkpointing_changes_memory_not_results(pipe):
+    plain = sample(pipe, 20.0)
+    checkpointed = sample(pipe, 20.0, checkpoint_decoder=True)
+    torch.testing.assert_close(checkpointed.images, plain.images, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tiny_guidance_decoder_steers_while_the_full_one_renders(pipe):
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    plain, cheap = sample(pipe, 20.0), sample(pipe, 20.0, guidance_decoder=tiny)
+    unguided = sample(pipe, 0.0)
+    assert torch.isfinite(cheap.images).all() and cheap.images.shape == plain.images.shape
+    assert not torch.allclose(cheap.images, plain.images), "the guidance decoder was not used"
+    assert not torch.allclose(cheap.images, unguided.images), "the tiny decoder's gradient did not steer"
+
+
+def test_bfloat16_autocast_stays_close_to_float32(pipe):
+    full = sample(pipe, 10.0)
+    mixed = sample(pipe, 10.0, autocast=torch.bfloat16)
+    assert mixed.images.dtype == torch.float32 and torch.isfinite(mixed.images).all()
+    assert (mixed.images - full.images).abs().mean() < 0.02
+
+
+def test_one_seed_per_prompt(pipe):
+    with pytest.raises(ValueError, match="one seed per prompt: got 2 prompts and 1 seeds"):
+        ltg.sample_stable_diffusion(pipe, tiny_head(), PROMPTS[:2], [0])
+
+
+@pytest.mark.skipif(os.environ.get("LTG_FULL_SD") != "1", reason="set LTG_FULL_SD=1 (about 1 min, 14 GB on CPU)")
+def test_one_guided_step_at_full_sd14_shapes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = ltg.load_stable_diffusion(build_sd(tmp_path / "sd14", SD14))
+    assert pipe.unet.config.cross_attention_dim == 768 and pipe.vae_scale_factor == 8
+    out = ltg.sample_stable_diffusion(pipe, tiny_head(), PROMPTS[:1], SEEDS[:1], ltg.Guidance(w=1.0, end=0.5),
+                                      num_inference_steps=2, progress=False)
+    assert out.images.shape == (1, 3, 512, 512) and torch.isfinite(out.images).all()
+    assert len(out.guidance_ratio) == 1
