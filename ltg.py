@@ -479,7 +479,7 @@ def sample(denoiser, scheduler, head, generators, guidance=Guidance(), preproces
 
 def load_stable_diffusion(path_or_id="CompVis/stable-diffusion-v1-4", device="cpu", dtype=torch.float32):
     """A diffusers StableDiffusionPipeline with a DDIMScheduler from a local folder or hub id."""
-    pipe = StableDiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)

@@ -77,7 +77,8 @@ def test_one_seed_per_prompt(pipe):
         ltg.sample_stable_diffusion(pipe, tiny_head(), PROMPTS[:2], [0])
 
 
-@pytest.mark.skipif(os.environ.get("LTG_FULL_SD") != "1", reason="set LTG_FULL_SD=1 (about 1 min, 14 GB on CPU)")
+@pytest.mark.skipif(os.environ.get("LTG_FULL_SD") != "1",
+                    reason="set LTG_FULL_SD=1 (about 2.5 min and 14 GB on 2 CPU cores)")
 def test_one_guided_step_at_full_sd14_shapes(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = ltg.load_stable_diffusion(build_sd(tmp_path / "sd14", SD14))
