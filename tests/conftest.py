@@ -1,8 +1,10 @@
+import os
+
 import pytest
 from hypothesis import settings
 from tiny_sd import build_tiny_sd
 
-settings.register_profile("ltg", deadline=None, max_examples=30, print_blob=True)
+settings.register_profile("ltg", deadline=None, max_examples=int(os.environ.get("LTG_EXAMPLES", 30)), print_blob=True)
 settings.load_profile("ltg")
 
 
