@@ -4,7 +4,7 @@ generating Longtail-Guided data on a schedule, each round guided by the predicto
     python train_loop.py                                  # embedded default: 8x8 digits, CPU, < 10 min
     python train_loop.py --dataset flowers --download     # the paper's setup: ResNet-50, SD 1.4
     torchrun --nproc_per_node 8 train_loop.py --dataset flowers
-    python train_loop.py --resume runs/digits-w0.3-x6-seed0   # continue a killed run
+    python train_loop.py --resume runs/digits-w0.07-x6-seed0   # continue a killed run
     python train_loop.py --train-foundation --seed 0      # retrain assets/digits-unet bit for bit
     python train_loop.py --dataset flowers --refined-prompts prompts.json          # introspect.py's prompts
     python train_loop.py --dataset flowers --introspect-after 0 --vlm-url URL --llm-url URL   # automatic
@@ -16,9 +16,11 @@ moment ends with the same metrics as an uninterrupted run.
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -59,11 +61,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Flags left unset take these per-dataset values: the paper's for its datasets; for digits, values
 # that fit the whole cycle in 10 minutes on 2 CPU cores.
 PAPER = dict(arch="resnet50", pretrain_epochs=100, epochs=100, batch_size=64, synthetic=20.0, steps=50,
-             guidance_scale=7.5, guidance_weight=0.3, gen_batch=8, workers=8,
+             guidance_scale=7.5, guidance_weight=0.1, gen_batch=8, workers=8,
              diffusion="CompVis/stable-diffusion-v1-4")
 DEFAULTS = {
     "digits": dict(arch="cnn", pretrain_epochs=30, epochs=10, batch_size=16, synthetic=6.0, steps=20,
-                   guidance_scale=2.0, guidance_weight=0.3, gen_batch=512, workers=0, diffusion=str(DIGITS_UNET)),
+                   guidance_scale=2.0, guidance_weight=0.07, gen_batch=512, workers=0, diffusion=str(DIGITS_UNET)),
     "flowers": PAPER, "cars": PAPER, "caltech101": PAPER, "imagenet-lt": PAPER,
     "pets": PAPER | dict(synthetic=30.0),
 }
@@ -77,6 +79,13 @@ FOUNDATION = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channe
 FOUNDATION_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, unless it is None (per-dataset defaults are in the help text)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """argparse's exit code 2, as one line: every bad value is named with what is accepted."""
@@ -84,7 +93,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def get_parser():
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     d = "(default: per dataset; digits %s, paper datasets %s)"
     per = lambda k: d % (DEFAULTS["digits"][k], PAPER[k])  # noqa: E731
     p.add_argument("--dataset", choices=DATASETS, default="digits",
@@ -108,7 +117,9 @@ def get_parser():
                                         "equal shares of the budget (default: every 5 epochs from 0)")
     p.add_argument("--guidance-weight", type=float, help="w of Eqn 11; 0 = unguided synthetic baseline " + per("guidance_weight"))
     p.add_argument("--signal", choices=ltg.SIGNALS, default="total", help="the longtail signal (Eqn 4)")
-    p.add_argument("--rescale", action="store_true", help="w is the guidance term's share of |eps| (ltg.Guidance)")
+    p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True,
+                   help="w is the guidance term's share of |eps| at every step (ltg.Guidance); --no-rescale: w "
+                        "multiplies the raw gradient as in Eqn 11")
     p.add_argument("--refined-prompts", metavar="FILE",
                    help="JSON {class name: [prompt, ...]} (introspect.py summarise writes it): generate with these "
                         "prompts instead of the class template; classes absent from the file keep the template")
@@ -128,6 +139,13 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run folder (default: runs/<dataset>-w<w>-x<synthetic>-seed<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run in RUN_DIR with its saved flags")
+    p.add_argument("--compare", action="store_true",
+                   help="instead of one run: the evidence. Real only, unguided (w = 0) and LTG (--guidance-weight) "
+                        "for --seeds seeds, plus --sweep and --budgets arms; writes comparison.{md,json,png} to --out")
+    p.add_argument("--seeds", type=int, default=3, help="--compare: seeds 0..N-1 per arm")
+    p.add_argument("--sweep", metavar="W,W,...", help="--compare: also one arm per guidance weight, and sweep.png")
+    p.add_argument("--budgets", metavar="X,X,...",
+                   help="--compare: also unguided and LTG arms at these synthetic budgets, and budgets.png")
     p.add_argument("--train-foundation", action="store_true",
                    help="instead of the cycle: train the digits diffusion model into --out (default assets/digits-unet)")
     p.add_argument("--foundation-steps", type=int, default=1000, help="training steps of --train-foundation")
@@ -174,6 +192,25 @@ def check_args(parser, args):
             parser.error(f"--eval-set {spec}: expected NAME=DIR, e.g. imagenet-v2=/data/imagenetv2")
     args.rounds = generation_epochs(parser, args)
     check_introspection_args(parser, args)
+    args.sweep = number_list(parser, "--sweep", args.sweep)
+    args.budgets = number_list(parser, "--budgets", args.budgets)
+    if (args.sweep or args.budgets) and not args.compare:
+        parser.error("--sweep and --budgets are arms of --compare: add --compare")
+    if args.compare and args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: must be >= 1")
+
+
+def number_list(parser, flag, text):
+    """'0,0.1,0.3' -> [0.0, 0.1, 0.3]: finite, >= 0, at least one."""
+    if text is None:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        parser.error(f"{flag} {text!r}: expected comma-separated numbers >= 0, e.g. 0,0.1,0.3")
+    return values
 
 
 def check_introspection_args(parser, args):
@@ -539,13 +576,14 @@ def generate_round(args, task, diffusion, head, run, rnd, count, rank, world):
         prompts = [image_prompt(task, refined, c, i) for c, i in zip(labels, batch)]
         seeds = [derive_seed(args.seed, rnd, i) for i in batch]
         out = sample_batch(args, task, diffusion, head, labels, prompts, seeds, guidance)
+        ratio = float(np.median(out.guidance_ratio)) if out.guidance_ratio else 0.0  # at the batch's median step
         for k, i in enumerate(batch):
             file = f"r{rnd:02d}_{i:06d}.png"
             write_png(synthetic / file, out.images[k])
             mine.append(dict(file=file, round=rnd, index=i, **{"class": labels[k]}, class_name=task.classes[labels[k]],
                              prompt=prompts[k],
                              seed=seeds[k], w=args.guidance_weight, signal=out.signal[k].item(),
-                             label=out.label[k].item()))
+                             label=out.label[k].item(), guidance_ratio=ratio))
         write_jsonl(shard, mine)  # after the batch's PNGs: a listed image is always on disk
     barrier(world)
     if rank == 0:
@@ -701,9 +739,10 @@ def run_cycle(parser, args):
                    train_counts=np.bincount(task.train_labels, minlength=C).tolist(), synthetic_budget=total,
                    epochs=[], rounds=[])
     start = 0
-    if state is not None:
+    if state is not None:  # the run's history; what follows from the flags is recomputed
         head.load_state_dict(state["head"])
-        metrics, start = state["metrics"], state["epoch"] + 1
+        metrics |= {k: state["metrics"][k] for k in ("epochs", "rounds")}
+        start = state["epoch"] + 1
     if rank == 0:
         write_json(run / "config.json", {k: v for k, v in vars(args).items() if k not in ("resume", "out", "rounds")})
     barrier(world)
@@ -728,7 +767,8 @@ def run_cycle(parser, args):
             barrier(world)  # the refined prompts exist before any rank generates with them
             if len(metrics["rounds"]) == rnd:  # a resumed round is recorded once
                 metrics["rounds"].append(dict(round=rnd, epoch=epoch, images=len(rows),
-                                              mean_signal=float(np.mean([r["signal"] for r in rows]))))
+                                              mean_signal=float(np.mean([r["signal"] for r in rows])),
+                                              guidance_ratio=float(np.mean([r["guidance_ratio"] for r in rows]))))
         train = task.train
         synthetic = [r for r in manifest_rows(run) if r["round"] < len(metrics["rounds"])] if phase == "finetune" else []
         if synthetic:
@@ -750,6 +790,8 @@ def run_cycle(parser, args):
             state = dict(epoch=g, num_classes=C, head=head.state_dict(), optimizer=optimizer.state_dict(),
                          schedule=schedule.state_dict(), metrics=metrics)
             atomic_write(checkpoint, lambda f: torch.save(state, f))
+            if g == args.pretrain_epochs - 1:  # the predictor before any synthetic data: runs that differ only
+                atomic_write(run / "pretrained.pt", lambda f: torch.save(state, f))  # after it can start here
             write_json(run / "metrics.json", metrics)
             plot_accuracy(run / "accuracy.png", metrics)
             last = metrics["epochs"][-1]
@@ -807,10 +849,227 @@ def train_foundation(args, batch_size=128, lr=1e-3, label_dropout=0.1):
           f"{loss.item():.4f}) saved to {out}/")
 
 
+# ---------------------------------------------------------------------------------------------
+# The evidence (--compare): arms that differ only in w and the synthetic budget, each a normal run in
+# OUT/<arm>/seed<s> (resumable, finished runs skipped), then tables and figures over the seeds.
+# ---------------------------------------------------------------------------------------------
+
+def evidence_arms(args):
+    """{arm name: (w, synthetic budget)}, each (w, budget) once."""
+    w, x = args.guidance_weight, args.synthetic
+    arms = {"real": (0.0, 0.0), "unguided": (0.0, x), "ltg": (w, x)}
+    arms |= {f"w{v:g}": (v, x) for v in args.sweep}
+    arms |= {f"{name}-x{b:g}": (v, b) for b in args.budgets for name, v in (("unguided", 0.0), ("ltg", w))}
+    unique = {}
+    for name, key in arms.items():
+        unique.setdefault(key, name)
+    return {name: key for key, name in unique.items()}
+
+
+def arm_args(parser, args, run, w, budget, seed):
+    """The flags of one arm's run; it starts from a sibling run's pretrained predictor when one exists
+    (pretraining depends on the seed only)."""
+    sub = argparse.Namespace(**vars(args))
+    sub.compare, sub.sweep, sub.budgets = False, [], []
+    sub.guidance_weight, sub.synthetic, sub.seed, sub.out = w, budget, seed, str(run)
+    sub.gen_epochs = args.gen_epochs if budget > 0 else None  # the real-only arm has no rounds
+    sub.rounds = generation_epochs(parser, sub)
+    sub.resume = str(run) if (run / "config.json").exists() else None
+    if sub.resume is None:
+        pretrained = sorted(run.parent.parent.glob(f"*/seed{seed}/pretrained.pt"))
+        if pretrained and args.pretrain_epochs > 0:
+            atomic_write(run / "checkpoint.pt", lambda f: f.write(pretrained[0].read_bytes()))
+            sub.resume = str(run)
+    return sub
+
+
+def finished(run, args):
+    metrics = run / "metrics.json"
+    return metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) == args.pretrain_epochs + args.epochs
+
+
+def train_judge(args, out, epochs=30):
+    """A classifier trained on the balanced train split (digits only): its accuracy on generated images says
+    whether they still show their class. Cached in OUT/judge.pt."""
+    path = out / "judge.pt"
+    judge = small_cnn(10)
+    if path.exists():
+        judge.load_state_dict(torch.load(path))
+        return judge.eval()
+    torch.manual_seed(args.seed)
+    (x, y), (x_test, y_test) = digits_split()
+    tf = v2.Compose([v2.RandomRotation(15), v2.RandomCrop(8, padding=1), v2.Normalize([0.5], [0.5])])
+    optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
+    for _ in tqdm(range(epochs), desc="judge", leave=False):
+        for i in torch.randperm(len(y)).split(64):
+            loss = F.cross_entropy(judge(torch.stack([tf(im) for im in x[i]])), y[i])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    atomic_write(path, lambda f: torch.save(judge.state_dict(), f))
+    return judge.eval()
+
+
+@torch.no_grad()
+def judge_accuracy(judge, run, rows):
+    """The share of a run's generated images that the judge assigns to the class they were made for."""
+    if not rows:
+        return None
+    images = torch.stack([v2.functional.to_image(Image.open(run / "synthetic" / r["file"])) for r in rows])
+    predicted = judge((images.float() / 255 - 0.5) / 0.5).argmax(1)
+    return (predicted == torch.tensor([r["class"] for r in rows])).float().mean().item()
+
+
+def run_summary(run, judge):
+    """Final accuracies and what the run generated."""
+    last = json.loads((run / "metrics.json").read_text())["epochs"][-1]
+    rows = read_jsonl(run / "synthetic" / "manifest.jsonl")
+    mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
+    return dict(acc=last["acc"], tail_acc=last["tail_acc"], signal=mean("signal"),
+                guidance_ratio=mean("guidance_ratio"), judge_acc=judge_accuracy(judge, run, rows) if judge else None)
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                n=len(values))
+
+
+def paired(a, b):
+    """Mean and standard error of a - b over seeds (same seed, same budget and schedule)."""
+    d = np.array([x - y for x, y in zip(a, b)])
+    return dict(mean=float(d.mean()), se=float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
+                n=len(d))
+
+
+def run_evidence(parser, args):
+    out = Path(args.out or f"runs/{args.dataset}-compare")
+    arms = evidence_arms(args)
+    seeds = list(range(args.seeds))
+    judge = train_judge(args, out) if args.dataset == "digits" else None
+    results = {}
+    for name, (w, budget) in arms.items():
+        for seed in seeds:
+            run = out / name / f"seed{seed}"
+            if not finished(run, args):
+                print(f"--compare: arm {name} (w {w:g}, synthetic x{budget:g}), seed {seed} -> {run}")
+                run_cycle(parser, arm_args(parser, args, run, w, budget, seed))
+            results.setdefault(name, []).append(run_summary(run, judge))
+    report = evidence_report(args, arms, results)
+    write_json(out / "comparison.json", report)
+    atomic_write(out / "comparison.md", lambda f: f.write(evidence_markdown(args, report).encode()))
+    plot_comparison(out / "comparison.png", report)
+    if args.sweep:
+        plot_sweep(out / "sweep.png", out, [n for n, (w, b) in arms.items() if b == args.synthetic and n != "real"],
+                   arms)
+    if args.budgets:
+        plot_budgets(out / "budgets.png", report)
+    print(f"done: {out}/comparison.md (and comparison.json, comparison.png"
+          + (", sweep.png" if args.sweep else "") + (", budgets.png" if args.budgets else "") + ")")
+
+
+def evidence_report(args, arms, results):
+    arm_rows = {}
+    for name, runs in results.items():
+        w, budget = arms[name]
+        arm_rows[name] = dict(w=w, synthetic=budget, **{k: mean_std([r[k] for r in runs]) for k in runs[0]},
+                              per_seed=runs)
+    base = {b: n for n, (w, b) in arms.items() if w == 0}  # the unguided arm of each budget
+    for name, row in arm_rows.items():
+        ref = base.get(row["synthetic"])
+        if row["w"] > 0 and ref:
+            row["minus_unguided"] = {k: paired([r[k] for r in row["per_seed"]],
+                                               [r[k] for r in arm_rows[ref]["per_seed"]]) for k in ("acc", "tail_acc")}
+    return dict(dataset=args.dataset, seeds=args.seeds, guidance_weight=args.guidance_weight,
+                rescale=args.rescale, synthetic=args.synthetic, schedule=args.rounds, epochs=args.epochs,
+                pretrain_epochs=args.pretrain_epochs, signal=args.signal,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", arms=arm_rows)
+
+
+def evidence_markdown(args, report):
+    pct = lambda s: "–" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
+    num = lambda s, f=".3f": "–" if s is None else format(s["mean"], f)  # noqa: E731
+    diff = lambda d: f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f}"  # noqa: E731
+    lines = [f"# Longtail Guidance vs unguided synthetic data: {report['dataset']}", "",
+             f"Measured {report['date']} on {report['machine']}. {report['seeds']} seeds per arm; test top-1 accuracy "
+             f"(%) after {report['pretrain_epochs']} real-only and {report['epochs']} fine-tuning epochs, mean ± std "
+             "over seeds. Tail = the rarest third of the classes. Synthetic budget as a multiple of the real "
+             f"(long-tailed) training set; generation rounds at fine-tuning epochs {report['schedule']}. "
+             f"Signal: {report['signal']}{', w rescaled (w = guidance share of |eps|)' if report['rescale'] else ''}.",
+             "", "Command: `python train_loop.py " + " ".join(sys.argv[1:]) + "`", "",
+             "| arm | w | synthetic | overall | tail | LTG − unguided overall | LTG − unguided tail | "
+             "mean signal | guidance ratio | judge acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in report["arms"].items():
+        d = r.get("minus_unguided")
+        lines.append(f"| {name} | {r['w']:g} | x{r['synthetic']:g} | {pct(r['acc'])} | {pct(r['tail_acc'])} | "
+                     f"{diff(d['acc']) if d else '–'} | {diff(d['tail_acc']) if d else '–'} | {num(r['signal'])} | "
+                     f"{num(r['guidance_ratio'])} | {pct(r['judge_acc'])} |")
+    lines += ["", "LTG − unguided: paired by seed (same seed, budget and schedule), mean ± standard error. Guidance "
+              "ratio: |w sqrt(1 - abar) grad| / |eps| at the median guided step. Judge acc: the share of generated "
+              "images a classifier trained on the balanced train split assigns to their intended class.", ""]
+    return "\n".join(lines)
+
+
+def plot_comparison(path, report):
+    names = list(report["arms"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    x = np.arange(len(names))
+    for k, (key, label) in enumerate((("acc", "overall"), ("tail_acc", "tail (rarest third)"))):
+        stats = [report["arms"][n][key] for n in names]
+        ax.bar(x + (k - 0.5) * 0.38, [100 * s["mean"] for s in stats], 0.38, yerr=[100 * s["std"] for s in stats],
+               capsize=3, label=label)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set(ylabel="test top-1 (%), mean ± std over seeds", ylim=(0, 100),
+           title=f"{report['dataset']}: real only vs unguided vs LTG ({report['seeds']} seeds)")
+    ax.legend(loc="lower right")
+    write_figure(path, fig)
+
+
+def plot_sweep(path, out, names, arms, seed=0, images=8):
+    """Figure 1 of the paper: the same round-0 samples (same seed and predictor) at each w, one column per w."""
+    names = sorted(names, key=lambda n: arms[n][0])
+    fig, axes = plt.subplots(images, len(names), figsize=(1.3 * len(names), 1.3 * images), squeeze=False)
+    for col, name in enumerate(names):
+        rows = {r["index"]: r for r in read_jsonl(out / name / f"seed{seed}" / "synthetic" / "manifest.jsonl")
+                if r["round"] == 0}
+        for row in range(images):
+            ax = axes[row, col]
+            ax.axis("off")
+            if row in rows:
+                with Image.open(out / name / f"seed{seed}" / "synthetic" / rows[row]["file"]) as im:
+                    ax.imshow(np.asarray(im), cmap="gray")
+                ax.set_title(f"{rows[row]['signal']:.2f}", fontsize=7)
+        axes[0, col].set_title(f"w={arms[name][0]:g}\n" + axes[0, col].get_title(), fontsize=8)
+    fig.suptitle("the same samples at each guidance weight (title: longtail signal)", fontsize=9)
+    write_figure(path, fig)
+
+
+def plot_budgets(path, report):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, w_zero in (("unguided", True), ("LTG", False)):
+        rows = sorted((r for r in report["arms"].values() if r["synthetic"] > 0 and (r["w"] == 0) == w_zero
+                       and (w_zero or r["w"] == report["guidance_weight"])), key=lambda r: r["synthetic"])
+        for key, style in (("acc", "-"), ("tail_acc", "--")):
+            ax.errorbar([r["synthetic"] for r in rows], [100 * r[key]["mean"] for r in rows],
+                        [100 * r[key]["std"] for r in rows], ls=style, marker="o", capsize=3,
+                        label=f"{kind} {'overall' if key == 'acc' else 'tail'}")
+    ax.set(xscale="log", xlabel="synthetic budget (x the real training set)", ylabel="test top-1 (%)",
+           title="data efficiency")
+    ax.legend()
+    write_figure(path, fig)
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
     if args.train_foundation:
         train_foundation(args)
+        return
+    if args.compare:
+        run_evidence(parser, args)
         return
     try:
         run_cycle(parser, args)

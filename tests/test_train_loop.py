@@ -75,7 +75,7 @@ def test_run_folder_holds_the_results(reference_run):
     assert len(rows) == budget
     for r in rows:
         assert (reference_run / "synthetic" / r["file"]).is_file()
-        assert r["class"] == r["index"] % 10 and r["w"] == 0.3 and r["prompt"] is None
+        assert r["class"] == r["index"] % 10 and r["w"] == 0.07 and r["prompt"] is None
         assert r["seed"] == train_loop.derive_seed(0, r["round"], r["index"])
     mean = sum(r["signal"] for r in rows if r["round"] == 0) / metrics["rounds"][0]["images"]
     assert metrics["rounds"][0]["mean_signal"] == pytest.approx(mean)
@@ -100,6 +100,34 @@ def kill_when(args, cwd, appears, min_count=1):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_compare_runs_the_arms_and_reports_paired_differences(foundation, reference_run, tmp_path):
+    out = tmp_path / "cmp"
+    args = [*TINY, "--diffusion", foundation, "--compare", "--seeds", "2", "--sweep", "0,0.5", "--budgets", "0.05",
+            "--out", out]
+    run_script(*args, cwd=tmp_path)
+    report = json.loads((out / "comparison.json").read_text())
+    assert list(report["arms"]) == ["real", "unguided", "ltg", "w0.5", "unguided-x0.05", "ltg-x0.05"]
+    # an arm started from a sibling's pretrained predictor ends exactly as an independent run
+    assert (json.loads((out / "ltg" / "seed0" / "metrics.json").read_text())
+            == json.loads((reference_run / "metrics.json").read_text()))
+    for name, arm in report["arms"].items():
+        assert arm["acc"]["n"] == 2 and len(arm["per_seed"]) == 2
+        assert (arm["signal"] is None) == (name == "real")
+    ltg_arm, unguided = report["arms"]["ltg"], report["arms"]["unguided"]
+    d = [a["tail_acc"] - b["tail_acc"] for a, b in zip(ltg_arm["per_seed"], unguided["per_seed"])]
+    assert ltg_arm["minus_unguided"]["tail_acc"]["mean"] == pytest.approx(sum(d) / 2)
+    assert ltg_arm["minus_unguided"]["tail_acc"]["se"] == pytest.approx(abs(d[0] - d[1]) / 2)
+    assert "minus_unguided" in report["arms"]["ltg-x0.05"] and "minus_unguided" not in unguided
+    assert 0.0 < ltg_arm["guidance_ratio"]["mean"] and unguided["guidance_ratio"]["mean"] == 0.0
+    assert 0.0 <= ltg_arm["judge_acc"]["mean"] <= 1.0
+    for name in ("comparison.md", "comparison.png", "sweep.png", "budgets.png", "judge.pt"):
+        assert (out / name).is_file(), name
+    assert "| ltg | 0.07 | x0.1 |" in (out / "comparison.md").read_text()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
+    run_script(*args, cwd=tmp_path)  # everything is done: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")} == before
 
 
 def test_killed_runs_resume_to_the_same_metrics(foundation, reference_run, tmp_path):
@@ -154,6 +182,9 @@ def test_two_gloo_processes_share_generation(foundation, tmp_path):
     (["--dataset", "flowers", "--introspect-after", "0", "--vlm-url", "http://x"], "exactly one of --llm"),
     (["--dataset", "flowers", "--introspect-after", "19", "--vlm", "v", "--llm", "l"], "must be a round with a later"),
     (["--dataset", "flowers", "--introspect-after", "0", "--refined-prompts", "p.json"], "are exclusive"),
+    (["--sweep", "0,0.1"], "are arms of --compare"),
+    (["--compare", "--sweep", "0,-1"], "--sweep '0,-1': expected comma-separated numbers >= 0"),
+    (["--compare", "--seeds", "0"], "--seeds 0: must be >= 1"),
 ])
 def test_bad_flags_fail_in_one_line_and_write_nothing(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
