@@ -65,14 +65,24 @@ LTG_HOST_DEVICE inline void lse_push(T& m, T& s, T l) {
   m = up ? l : m;
 }
 
-// h += -p log p for one class given its log-probability. Every entropy, per member and of the
-// mean, is summed through this one function from log-probabilities, so with K = 1 (where
-// log pbar == log p bit for bit) total and aleatoric agree exactly and epistemic is exactly 0.
-// Each term is >= 0: no cancellation however large the logits. S may be wider than T.
+// h += -p log p for one class given its log-probability (the CUDA kernel: one exp per term).
+// Every entropy, per member and of the mean, is summed through this one function from
+// log-probabilities, so with K = 1 (where log pbar == log p bit for bit) total and aleatoric agree
+// exactly and epistemic is exactly 0. Each term is >= 0: no cancellation however large the logits.
+// S may be wider than T.
 template <typename S, typename T>
 LTG_HOST_DEVICE inline void add_entropy_term(S& h, T logp) {
   using std::exp;
   h -= S(exp(logp) * logp);
+}
+
+// -p log p for one class given p and log p both (the CPU kernel, which has p at hand and so needs
+// no exp). log p is clamped to <= 0, so the term is >= 0 even where rounding puts p a hair over 1.
+// The CPU kernel keeps the K = 1 invariant above by construction: there pbar = p, so it writes
+// log pbar = log p and H[pbar] = H[p] bit for bit, and epistemic is exactly 0.
+template <typename T>
+LTG_HOST_DEVICE inline T entropy_term(T p, T logp) {
+  return -(p * (logp < T(0) ? logp : T(0)));
 }
 
 // d(a U + b A + c E)/dx_kj with gU = a + c, gA = b - c, p = p_kj, logp = log p_kj,
