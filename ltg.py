@@ -424,8 +424,9 @@ def _per_sample_norm(u):
 
 
 def sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast=None, progress=True):
-    """Algorithm 1 from z_T [B, c, h, w] to z_0; returns (z_0, skipped [B], guidance ratios)."""
-    skipped = torch.zeros(z.shape[0], dtype=torch.long)
+    """Algorithm 1 from z_T [B, c, h, w] to z_0; returns (z_0, skipped [B], guidance ratios).
+    The bookkeeping stays on z's device and is read once at the end: no host sync inside the loop."""
+    skipped = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     ratios = []
     steps = scheduler.timesteps
     amp = torch.autocast(z.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
@@ -436,18 +437,18 @@ def sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast=N
                 eps, grad = longtail_gradient(denoiser, signal_fn, z, t, abar_t, guidance.through_unet)
             eps, grad = eps.to(z.dtype), grad.to(z.dtype)
             finite = torch.isfinite(grad).flatten(1).all(dim=1)                   # [B]
-            skipped += (~finite).cpu()
+            skipped += ~finite
             grad = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), grad, 0.0)
             if guidance.rescale:
                 grad = grad * _per_sample_norm(eps) / (math.sqrt(1 - abar_t) * _per_sample_norm(grad) + 1e-12)
             term = guidance.w * math.sqrt(1 - abar_t) * _per_sample_norm(grad)
-            ratios.append((term / _per_sample_norm(eps)).mean().item())
+            ratios.append((term / _per_sample_norm(eps)).mean())
         else:
             with torch.no_grad(), amp:
                 eps = denoiser.noise(z, t).to(z.dtype)
             grad = torch.zeros_like(z)
         z = guided_ddim_step(z, eps, grad, abar_t, abar_prev, guidance.w)       # Eqns 11 + 8 + 7
-    return z, skipped, ratios
+    return z, skipped.cpu(), torch.stack(ratios).tolist() if ratios else []
 
 
 @torch.no_grad()
