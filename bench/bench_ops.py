@@ -98,7 +98,10 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke test)")
     parser.add_argument("--out", help="JSON results (default bench/results/ops-<device>.json)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     if ltg.backend(device) != "fused":
