@@ -79,6 +79,11 @@ FOUNDATION = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channe
 FOUNDATION_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
 
+# Flags that are not part of a run's config.json: where it is, and the evidence mode's (derived or
+# applying to many runs).
+RUN_INDEPENDENT = ("resume", "out", "rounds", "compare", "seeds", "sweep", "budgets")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default, unless it is None (per-dataset defaults are in the help text)."""
 
@@ -744,7 +749,7 @@ def run_cycle(parser, args):
         metrics |= {k: state["metrics"][k] for k in ("epochs", "rounds")}
         start = state["epoch"] + 1
     if rank == 0:
-        write_json(run / "config.json", {k: v for k, v in vars(args).items() if k not in ("resume", "out", "rounds")})
+        write_json(run / "config.json", {k: v for k, v in vars(args).items() if k not in RUN_INDEPENDENT})
     barrier(world)
 
     phases = [("pretrain", e, args.pretrain_epochs) for e in range(args.pretrain_epochs)]
