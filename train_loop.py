@@ -920,8 +920,11 @@ def judge_accuracy(judge, run, rows):
     """The share of a run's generated images that the judge assigns to the class they were made for."""
     if not rows:
         return None
-    images = torch.stack([v2.functional.to_image(Image.open(run / "synthetic" / r["file"])) for r in rows])
-    predicted = judge((images.float() / 255 - 0.5) / 0.5).argmax(1)
+    def load(row):
+        with Image.open(run / "synthetic" / row["file"]) as im:
+            return v2.functional.to_image(im)                                    # [1, 8, 8] uint8
+    images = torch.stack([load(r) for r in rows]).float() / 255                  # [N, 1, 8, 8]
+    predicted = judge((images - 0.5) / 0.5).argmax(1)
     return (predicted == torch.tensor([r["class"] for r in rows])).float().mean().item()
 
 
@@ -963,6 +966,10 @@ def run_evidence(parser, args):
                 run_cycle(parser, arm_args(parser, args, run, w, budget, seed))
             results.setdefault(name, []).append(run_summary(run, judge))
     report = evidence_report(args, arms, results)
+    if judge:
+        _, (x_test, y_test) = digits_split()
+        with torch.no_grad():
+            report["judge_test_acc"] = (judge((x_test - 0.5) / 0.5).argmax(1) == y_test).float().mean().item()
     write_json(out / "comparison.json", report)
     atomic_write(out / "comparison.md", lambda f: f.write(evidence_markdown(args, report).encode()))
     plot_comparison(out / "comparison.png", report)
@@ -1015,7 +1022,9 @@ def evidence_markdown(args, report):
                      f"{num(r['guidance_ratio'])} | {pct(r['judge_acc'])} |")
     lines += ["", "LTG − unguided: paired by seed (same seed, budget and schedule), mean ± standard error. Guidance "
               "ratio: |w sqrt(1 - abar) grad| / |eps| at the median guided step. Judge acc: the share of generated "
-              "images a classifier trained on the balanced train split assigns to their intended class.", ""]
+              "images a classifier trained on the balanced train split assigns to their intended class"
+              + (f" (its own test accuracy: {100 * report['judge_test_acc']:.1f}%)." if "judge_test_acc" in report
+                 else "."), ""]
     return "\n".join(lines)
 
 
