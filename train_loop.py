@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import AutoencoderTiny, DDIMScheduler, UNet2DModel
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -125,6 +125,11 @@ def get_parser():
     p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True,
                    help="w is the guidance term's share of |eps| at every step (ltg.Guidance); --no-rescale: w "
                         "multiplies the raw gradient as in Eqn 11")
+    p.add_argument("--guide-every", type=int, default=1,
+                   help="guide every k-th DDIM step (ltg.Guidance(every=k)); 2 about halves guidance's cost")
+    p.add_argument("--guidance-decoder", metavar="PATH_OR_ID",
+                   help="a cheaper VAE decoder for the guidance pass only, e.g. madebyollin/taesd (a diffusers "
+                        "AutoencoderTiny); Stable Diffusion only")
     p.add_argument("--refined-prompts", metavar="FILE",
                    help="JSON {class name: [prompt, ...]} (introspect.py summarise writes it): generate with these "
                         "prompts instead of the class template; classes absent from the file keep the template")
@@ -181,7 +186,8 @@ def check_args(parser, args):
         parser.error(f"--guidance-weight {args.guidance_weight}: must be finite and >= 0 (0 = unguided synthetic)")
     if not (math.isfinite(args.synthetic) and args.synthetic >= 0):
         parser.error(f"--synthetic {args.synthetic}: must be >= 0 (0 = real-only baseline)")
-    for flag in ("epochs", "batch_size", "steps", "gen_batch", "head_samples", "threads", "foundation_steps"):
+    for flag in ("epochs", "batch_size", "steps", "gen_batch", "head_samples", "threads", "foundation_steps",
+                 "guide_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     for flag in ("pretrain_epochs", "workers"):
@@ -221,6 +227,8 @@ def number_list(parser, flag, text):
 def check_introspection_args(parser, args):
     """Refined prompts need a text-conditioned generator, and the automatic mode a describer, a writer and
     a later round to use what they write."""
+    if args.guidance_decoder and args.dataset == "digits":
+        parser.error("--guidance-decoder is for Stable Diffusion (a paper dataset); the digits model decodes nothing")
     wants = args.refined_prompts or args.introspect_after is not None
     if wants and args.dataset == "digits":
         parser.error("--refined-prompts/--introspect-after need a text-conditioned --diffusion (a paper dataset); "
@@ -498,12 +506,15 @@ class Learner(nn.Module):
 
 
 def load_diffusion(args, device):
-    """(model, scheduler) of the digits UNet, or a Stable Diffusion pipeline for the paper datasets."""
+    """(model, scheduler, guidance decoder): the digits UNet and its scheduler, or a Stable Diffusion pipeline
+    (its own scheduler) and the optional cheaper decoder for the guidance pass."""
     if args.dataset == "digits":
         unet = UNet2DModel.from_pretrained(args.diffusion).to(device).eval()
-        return unet, DDIMScheduler.from_pretrained(args.diffusion)
+        return unet, DDIMScheduler.from_pretrained(args.diffusion), None
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return ltg.load_stable_diffusion(args.diffusion, device, dtype), None
+    decoder = (AutoencoderTiny.from_pretrained(args.guidance_decoder, dtype=dtype).to(device).eval()
+               if args.guidance_decoder else None)
+    return ltg.load_stable_diffusion(args.diffusion, device, dtype), None, decoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,14 +566,15 @@ def introspect_round(args, task, run):
 
 
 def sample_batch(args, task, diffusion, head, labels, prompts, seeds, guidance):
-    model, scheduler = diffusion
+    model, scheduler, guidance_decoder = diffusion
     kwargs = dict(preprocess=task.preprocess, num_inference_steps=args.steps, progress=False)
     if task.prompt is None:
         return ltg.sample_class_conditional(model, scheduler, head, labels, seeds, guidance, args.guidance_scale, **kwargs)
     device = next(head.parameters()).device
     # The fp16 pipeline's decoder and the fp32 predictor meet outside ltg's own autocast too.
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        return ltg.sample_stable_diffusion(model, head, prompts, seeds, guidance, args.guidance_scale, **kwargs)
+        return ltg.sample_stable_diffusion(model, head, prompts, seeds, guidance, args.guidance_scale,
+                                           guidance_decoder=guidance_decoder, **kwargs)
 
 
 def generate_round(args, task, diffusion, head, run, rnd, count, rank, world):
@@ -573,7 +585,7 @@ def generate_round(args, task, diffusion, head, run, rnd, count, rank, world):
     mine = read_jsonl(shard)
     batches = [range(s, min(s + args.gen_batch, count)) for s in range(0, count, args.gen_batch)]
     todo = [b for i, b in enumerate(batches) if i % world == rank and (rnd, b[0]) not in done]
-    guidance = ltg.Guidance(w=args.guidance_weight, signal=args.signal, rescale=args.rescale)
+    guidance = ltg.Guidance(w=args.guidance_weight, signal=args.signal, rescale=args.rescale, every=args.guide_every)
     C = len(task.classes)
     refined = round_prompts(args, task, run, rnd)
     for batch in tqdm(todo, desc=f"round {rnd}", disable=rank != 0, leave=False):
@@ -726,7 +738,9 @@ def run_cycle(parser, args):
     try:
         diffusion = load_diffusion(args, device) if args.rounds else None
     except OSError as e:
-        parser.error(f"--diffusion {args.diffusion}: cannot load it ({str(e).splitlines()[0]})"
+        flags = f"--diffusion {args.diffusion}" + (f" or --guidance-decoder {args.guidance_decoder}"
+                                                   if args.guidance_decoder else "")
+        parser.error(f"{flags}: cannot load it ({str(e).splitlines()[0]})"
                      + ("; retrain it with --train-foundation" if args.dataset == "digits" else ""))
 
     barrier(world)  # every rank has chosen the same run folder before rank 0 creates it

@@ -183,6 +183,8 @@ def test_two_gloo_processes_share_generation(foundation, tmp_path):
     (["--dataset", "flowers", "--introspect-after", "19", "--vlm", "v", "--llm", "l"], "must be a round with a later"),
     (["--dataset", "flowers", "--introspect-after", "0", "--refined-prompts", "p.json"], "are exclusive"),
     (["--sweep", "0,0.1"], "are arms of --compare"),
+    (["--guide-every", "0"], "--guide-every 0: must be >= 1"),
+    (["--guidance-decoder", "taesd"], "--guidance-decoder is for Stable Diffusion"),
     (["--compare", "--sweep", "0,-1"], "--sweep '0,-1': expected comma-separated numbers >= 0"),
     (["--compare", "--seeds", "0"], "--seeds 0: must be >= 1"),
 ])
@@ -260,6 +262,23 @@ def sd_round_setup(tiny_sd_path, *flags):
     torch.manual_seed(0)
     head = train_loop.build_head(args, len(classes), 3)
     return args, task, head, train_loop.load_diffusion(args, torch.device("cpu"))
+
+
+def test_guidance_decoder_and_every_kth_step_reach_the_sampler(tiny_sd_path, tmp_path):
+    """--guidance-decoder loads a diffusers AutoencoderTiny for the guidance pass; --guide-every 2 halves the
+    guided steps (one guidance ratio per guided step in the batch's median)."""
+    from diffusers import AutoencoderTiny
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    latent_channels=4).save_pretrained(tmp_path / "taesd")
+    args, task, head, diffusion = sd_round_setup(tiny_sd_path, "--guidance-decoder", tmp_path / "taesd",
+                                                 "--guide-every", "2", "--steps", "4")
+    assert isinstance(diffusion[2], AutoencoderTiny)
+    seen = []
+    original = diffusion[2].decode
+    diffusion[2].decode = lambda z, *a, **k: seen.append(z.shape) or original(z, *a, **k)
+    rows = train_loop.generate_round(args, task, diffusion, head, tmp_path, 0, 2, rank=0, world=1)
+    assert len(seen) == 2, "the tiny decoder decodes once per guided step: steps 0 and 2 of 4"
+    assert all(r["guidance_ratio"] > 0 for r in rows)
 
 
 def test_refined_prompts_file_replaces_the_template_for_its_classes(tiny_sd_path, tmp_path):
