@@ -182,8 +182,10 @@ def append_log(path, records):
 
 
 def write_atomic(path, data):
-    """Write bytes to path through a temporary file and os.replace: readers see old or new, never half."""
+    """Write bytes to path through a temporary file and os.replace: readers, and a kill at any moment,
+    see the old file or the new one, never half. Creates the folder; the file gets the umask's mode."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

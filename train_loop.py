@@ -17,12 +17,12 @@ moment ends with the same metrics as an uninterrupted run.
 
 import argparse
 import datetime
+import io
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,16 +276,10 @@ def derive_seed(*keys):
 # ---------------------------------------------------------------------------------------------
 
 def atomic_write(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(f)` into a buffer, then introspect.write_atomic: temp file beside it, os.replace."""
+    buffer = io.BytesIO()
+    write(buffer)
+    introspect.write_atomic(path, buffer.getvalue())
 
 
 def write_json(path, obj):

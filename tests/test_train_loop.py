@@ -304,3 +304,14 @@ def test_introspection_after_a_round_refines_the_next_rounds_prompts(tiny_sd_pat
     folder = train_loop.introspection_dir(tmp_path)
     assert (folder / "report.md").is_file() and (folder / "contact_sheet.png").is_file()
     assert len(introspect.read_log(folder / "descriptions.jsonl")) == 3
+
+
+def test_files_are_written_whole_with_the_umasks_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        train_loop.write_json(tmp_path / "new" / "metrics.json", {"acc": 0.5})
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "new" / "metrics.json").read_text()) == {"acc": 0.5}
+    assert (tmp_path / "new" / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["metrics.json"]
