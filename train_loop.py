@@ -1079,8 +1079,11 @@ def plot_budgets(path, report):
             ax.errorbar([r["synthetic"] for r in rows], [100 * r[key]["mean"] for r in rows],
                         [100 * r[key]["std"] for r in rows], ls=style, marker="o", capsize=3,
                         label=f"{kind} {'overall' if key == 'acc' else 'tail'}")
+    budgets = sorted({r["synthetic"] for r in report["arms"].values() if r["synthetic"] > 0})
     ax.set(xscale="log", xlabel="synthetic budget (x the real training set)", ylabel="test top-1 (%)",
            title="data efficiency")
+    ax.set_xticks(budgets, [f"x{b:g}" for b in budgets], minor=False)
+    ax.minorticks_off()
     ax.legend()
     write_figure(path, fig)
 
