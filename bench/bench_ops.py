@@ -43,35 +43,37 @@ def copy_gbps(nbytes, dtype, device, repeats):
     return nbytes / median_ms(lambda: dst.copy_(src), device, repeats) / 1e6
 
 
-def step_cases(sizes, dtype, device):
-    for n in sizes:
-        z, eps, grad = (torch.randn(n, device=device).to(dtype) for _ in range(3))
-        yield ("guided_ddim_step", f"{n}", 4 * n * dtype.itemsize,
-               lambda fused: ltg.guided_ddim_step(z, eps, grad, **STEP_ARGS, fused=fused))
+def step_case(n, dtype, device):
+    """(op, size, bytes moved, fn(fused)) for the guided step on n elements: three reads, one write."""
+    z, eps, grad = (torch.randn(n, device=device).to(dtype) for _ in range(3))
+    return ("guided_ddim_step", f"{n}", 4 * n * dtype.itemsize,
+            lambda fused: ltg.guided_ddim_step(z, eps, grad, **STEP_ARGS, fused=fused))
 
 
-def entropy_cases(shapes, dtype, device):
-    for K, B, C in shapes:
-        x = torch.randn(K, B, C, device=device).mul(3).to(dtype)
-        x_grad = x.clone().requires_grad_()
-        logits_bytes = K * B * C * dtype.itemsize
-        yield ("entropy_fwd", f"{K}x{B}x{C}", logits_bytes + 3 * B * dtype.itemsize,
-               lambda fused: ltg.longtail_signals(x, fused=fused))
+def entropy_cases(K, B, C, dtype, device):
+    """The signals' forward, and forward + backward, on logits [K, B, C]."""
+    x = torch.randn(K, B, C, device=device).mul(3).to(dtype)
+    x_grad = x.clone().requires_grad_()
+    logits_bytes = K * B * C * dtype.itemsize
 
-        def fwd_bwd(fused):
-            total, _, _ = ltg.longtail_signals(x_grad, fused=fused)
-            total.sum().backward()
-            x_grad.grad = None
+    def fwd_bwd(fused):
+        total, _, _ = ltg.longtail_signals(x_grad, fused=fused)
+        total.sum().backward()
+        x_grad.grad = None
 
-        # forward reads the logits, backward reads them again and writes their gradient
-        yield ("entropy_fwd_bwd", f"{K}x{B}x{C}", 3 * logits_bytes, fwd_bwd)
+    # forward reads the logits; forward + backward reads them twice and writes their gradient
+    return [("entropy_fwd", f"{K}x{B}x{C}", logits_bytes + 3 * B * dtype.itemsize,
+             lambda fused: ltg.longtail_signals(x, fused=fused)),
+            ("entropy_fwd_bwd", f"{K}x{B}x{C}", 3 * logits_bytes, fwd_bwd)]
 
 
 def run(device, config):
     repeats = config["repeats"]
     rows = []
     for dtype in config["dtypes"]:
-        cases = [*step_cases(config["step"], dtype, device), *entropy_cases(config["entropy"], dtype, device)]
+        # each case owns its tensors (built by a function, so no closure sees a later case's)
+        cases = [step_case(n, dtype, device) for n in config["step"]]
+        cases += [case for shape in config["entropy"] for case in entropy_cases(*shape, dtype, device)]
         for op, size, nbytes, fn in cases:
             eager = median_ms(lambda: fn(False), device, repeats)
             fused = median_ms(lambda: fn(True), device, repeats)
