@@ -537,3 +537,11 @@ def test_cli_bad_input_one_line_error_nothing_written(run_dir, edit, args, messa
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and message.format(run=run_dir) in error_lines[0], result.stderr
     assert not any((run_dir / "introspection").glob("*.*"))  # no file, not even a temporary one
+
+
+def test_cli_takes_a_train_loop_run_folder(server, tmp_path):
+    """train_loop.py keeps its images and manifest in RUN/synthetic: the CLI accepts RUN itself."""
+    make_run(tmp_path / "run" / "synthetic")
+    assert introspect.main(["describe", str(tmp_path / "run"), "--vlm-url", server.url, "--per-class", "1"]) == 0
+    assert log_lines(tmp_path / "run" / "synthetic")
+    assert not (tmp_path / "run" / "introspection").exists()
