@@ -11,14 +11,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from hypothesis import given, strategies as st
+from tiny_sd import SD14_SCHEDULER
 
 import ltg
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ltg.backend("cuda") == "fused" else [])
-SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
-                      steps_offset=1, prediction_type="epsilon")
 
 
 def tol(dtype):

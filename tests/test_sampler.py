@@ -1,12 +1,9 @@
 """Algorithm 1 on a pixel-space class-conditional model (D = identity) and on a tiny
 Stable-Diffusion-shaped pipeline loaded through `from_pretrained`, as a user loads SD 1.4."""
 
-import math
-import os
-
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 
 import ltg

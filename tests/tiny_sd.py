@@ -26,6 +26,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # A few merges so common words become multi-byte tokens, as in a real BPE.
 MERGES = [("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("a", "n"), ("an", "d</w>"), ("r", "o")]
 
+# SD 1.4's scheduler settings (its scheduler_config.json), as a DDIMScheduler.
+SD14_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
 
 def _bytes_to_unicode():
     """CLIP/GPT-2 byte -> printable unicode character map (256 entries)."""
@@ -123,16 +127,7 @@ def _build(path, sizes):
         **sizes["vae"],
     )
 
-    scheduler = DDIMScheduler(  # SD 1.4 settings
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = DDIMScheduler(**SD14_SCHEDULER)
 
     pipe = StableDiffusionPipeline(
         vae=vae,
