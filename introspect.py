@@ -698,11 +698,16 @@ class EndpointWriter:
                 for r in requests]
 
 
+def check_backend(kind, path_or_id, url):
+    """A model step ("vlm" or "llm") needs exactly one backend: a transformers model or an endpoint."""
+    if (path_or_id is None) == (url is None):
+        raise IntrospectError(f"give exactly one of --{kind} PATH_OR_ID or --{kind}-url URL")
+
+
 def make_describer(vlm=None, vlm_url=None, model=None, api_key_env="LTG_API_KEY", timeout=120.0, device=None,
                    batch_size=4):
     """LlavaDescriber(vlm) or EndpointDescriber(vlm_url); exactly one of the two must be given."""
-    if (vlm is None) == (vlm_url is None):
-        raise IntrospectError("give exactly one of --vlm PATH_OR_ID or --vlm-url URL")
+    check_backend("vlm", vlm, vlm_url)
     if vlm_url is not None:
         return EndpointDescriber(vlm_url, model or DEFAULT_VLM, api_key_env, timeout)
     return LlavaDescriber(vlm, device, batch_size)
@@ -711,8 +716,7 @@ def make_describer(vlm=None, vlm_url=None, model=None, api_key_env="LTG_API_KEY"
 def make_writer(llm=None, llm_url=None, model=None, api_key_env="LTG_API_KEY", timeout=120.0, device=None,
                 batch_size=4):
     """CausalLMWriter(llm) or EndpointWriter(llm_url); exactly one of the two must be given."""
-    if (llm is None) == (llm_url is None):
-        raise IntrospectError("give exactly one of --llm PATH_OR_ID or --llm-url URL")
+    check_backend("llm", llm, llm_url)
     if llm_url is not None:
         return EndpointWriter(llm_url, model or DEFAULT_ENDPOINT_LLM, api_key_env, timeout)
     return CausalLMWriter(llm, device, batch_size)
