@@ -244,8 +244,10 @@ def check_introspection_args(parser, args):
                      f"--introspect-after {args.introspect_after}: needs at least two generation rounds "
                      f"(--gen-epochs gives {len(args.rounds)})")
     for kind in ("vlm", "llm"):
-        if (getattr(args, kind) is None) == (getattr(args, f"{kind}_url") is None):
-            parser.error(f"--introspect-after needs exactly one of --{kind} PATH_OR_ID and --{kind}-url URL")
+        try:
+            introspect.check_backend(kind, getattr(args, kind), getattr(args, f"{kind}_url"))
+        except introspect.IntrospectError as e:
+            parser.error(f"--introspect-after: {e}")
 
 
 def generation_epochs(parser, args):
@@ -802,9 +804,11 @@ def run_cycle(parser, args):
                                           **epoch_metrics(head.predictor, task, tail, device, args.workers)))
             state = dict(epoch=g, num_classes=C, head=head.state_dict(), optimizer=optimizer.state_dict(),
                          schedule=schedule.state_dict(), metrics=metrics)
-            atomic_write(checkpoint, lambda f: torch.save(state, f))
+            data = io.BytesIO()
+            torch.save(state, data)
+            introspect.write_atomic(checkpoint, data.getvalue())
             if g == args.pretrain_epochs - 1:  # the predictor before any synthetic data: runs that differ only
-                atomic_write(run / "pretrained.pt", lambda f: torch.save(state, f))  # after it can start here
+                introspect.write_atomic(run / "pretrained.pt", data.getvalue())  # after it can start here
             write_json(run / "metrics.json", metrics)
             plot_accuracy(run / "accuracy.png", metrics)
             last = metrics["epochs"][-1]
@@ -891,7 +895,7 @@ def arm_args(parser, args, run, w, budget, seed):
     if sub.resume is None:
         pretrained = sorted(run.parent.parent.glob(f"*/seed{seed}/pretrained.pt"))
         if pretrained and args.pretrain_epochs > 0:
-            atomic_write(run / "checkpoint.pt", lambda f: f.write(pretrained[0].read_bytes()))
+            introspect.write_atomic(run / "checkpoint.pt", pretrained[0].read_bytes())
             sub.resume = str(run)
     return sub
 
@@ -901,21 +905,20 @@ def finished(run, args):
     return metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) == args.pretrain_epochs + args.epochs
 
 
-def train_judge(args, out, epochs=30):
-    """A classifier trained on the balanced train split (digits only): its accuracy on generated images says
-    whether they still show their class. Cached in OUT/judge.pt."""
+def train_judge(args, out, task, epochs=30):
+    """A classifier trained on the balanced train split (digits only), with the predictor's augmentation: its
+    accuracy on generated images says whether they still show their class. Cached in OUT/judge.pt."""
     path = out / "judge.pt"
     judge = small_cnn(10)
     if path.exists():
         judge.load_state_dict(torch.load(path))
         return judge.eval()
     torch.manual_seed(args.seed)
-    (x, y), (x_test, y_test) = digits_split()
-    tf = v2.Compose([v2.RandomRotation(15), v2.RandomCrop(8, padding=1), v2.Normalize([0.5], [0.5])])
+    (x, y), _ = digits_split()
     optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
     for _ in tqdm(range(epochs), desc="judge", leave=False):
         for i in torch.randperm(len(y)).split(64):
-            loss = F.cross_entropy(judge(torch.stack([tf(im) for im in x[i]])), y[i])
+            loss = F.cross_entropy(judge(torch.stack([task.train_tf(im) for im in x[i]])), y[i])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -923,26 +926,27 @@ def train_judge(args, out, epochs=30):
     return judge.eval()
 
 
-@torch.no_grad()
-def judge_accuracy(judge, run, rows):
+def accuracy(predictor, dataset, num_classes):
+    correct, count = evaluate(predictor, dataset, num_classes, torch.device("cpu"), workers=0)
+    return correct.sum() / count.sum()
+
+
+def judge_accuracy(judge, task, run, rows):
     """The share of a run's generated images that the judge assigns to the class they were made for."""
     if not rows:
         return None
-    def load(row):
-        with Image.open(run / "synthetic" / row["file"]) as im:
-            return v2.functional.to_image(im)                                    # [1, 8, 8] uint8
-    images = torch.stack([load(r) for r in rows]).float() / 255                  # [N, 1, 8, 8]
-    predicted = judge((images - 0.5) / 0.5).argmax(1)
-    return (predicted == torch.tensor([r["class"] for r in rows])).float().mean().item()
+    images = Images([run / "synthetic" / r["file"] for r in rows], [r["class"] for r in rows], task.test.transform,
+                    task.mode)
+    return float(accuracy(judge, images, len(task.classes)))
 
 
-def run_summary(run, judge):
+def run_summary(run, judge, task):
     """Final accuracies and what the run generated."""
     last = json.loads((run / "metrics.json").read_text())["epochs"][-1]
     rows = read_jsonl(run / "synthetic" / "manifest.jsonl")
     mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
     return dict(acc=last["acc"], tail_acc=last["tail_acc"], signal=mean("signal"),
-                guidance_ratio=mean("guidance_ratio"), judge_acc=judge_accuracy(judge, run, rows) if judge else None)
+                guidance_ratio=mean("guidance_ratio"), judge_acc=judge_accuracy(judge, task, run, rows) if judge else None)
 
 
 def mean_std(values):
@@ -964,7 +968,8 @@ def run_evidence(parser, args):
     out = Path(args.out or f"runs/{args.dataset}-compare")
     arms = evidence_arms(args)
     seeds = list(range(args.seeds))
-    judge = train_judge(args, out) if args.dataset == "digits" else None
+    task = digits_task() if args.dataset == "digits" else None
+    judge = train_judge(args, out, task) if task else None
     results = {}
     for name, (w, budget) in arms.items():
         for seed in seeds:
@@ -972,12 +977,10 @@ def run_evidence(parser, args):
             if not finished(run, args):
                 print(f"--compare: arm {name} (w {w:g}, synthetic x{budget:g}), seed {seed} -> {run}")
                 run_cycle(parser, arm_args(parser, args, run, w, budget, seed))
-            results.setdefault(name, []).append(run_summary(run, judge))
+            results.setdefault(name, []).append(run_summary(run, judge, task))
     report = evidence_report(args, arms, results)
     if judge:
-        _, (x_test, y_test) = digits_split()
-        with torch.no_grad():
-            report["judge_test_acc"] = (judge((x_test - 0.5) / 0.5).argmax(1) == y_test).float().mean().item()
+        report["judge_test_acc"] = float(accuracy(judge, task.test, len(task.classes)))
     write_json(out / "comparison.json", report)
     atomic_write(out / "comparison.md", lambda f: f.write(evidence_markdown(args, report).encode()))
     plot_comparison(out / "comparison.png", report)
