@@ -127,12 +127,17 @@ def longtail_signals(logits, fused=None):
     return longtail_signals_reference(logits)
 
 
+def longtail_signals_by_kind(logits, fused=None):
+    """Eqn 4 keyed by kind: logits [K, B, C] -> {'total', 'epistemic', 'aleatoric': [B]}."""
+    total, aleatoric, epistemic = longtail_signals(logits, fused)
+    return {"total": total, "epistemic": epistemic, "aleatoric": aleatoric}
+
+
 def longtail_signal(logits, kind="total", fused=None):
     """The guidance signal f_lt: one of 'total' (default, as in the paper), 'epistemic', 'aleatoric'."""
     if kind not in SIGNALS:
         raise ValueError(f"ltg: unknown signal {kind!r}; choose one of {', '.join(SIGNALS)}")
-    total, aleatoric, epistemic = longtail_signals(logits, fused)
-    return {"total": total, "aleatoric": aleatoric, "epistemic": epistemic}[kind]
+    return longtail_signals_by_kind(logits, fused)[kind]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +305,14 @@ def check_scheduler(scheduler):
 
 
 def _decode_with(vae, z0):
-    """D(z0): a diffusers autoencoder (AutoencoderKL, AutoencoderTiny) -> images in [-1, 1]."""
-    return vae.decode(z0 / vae.config.scaling_factor).sample
+    """D(z0): a diffusers autoencoder (AutoencoderKL, AutoencoderTiny) run in its own dtype -> images in
+    [-1, 1] in z0's dtype."""
+    return vae.decode((z0 / vae.config.scaling_factor).to(vae.dtype)).sample.to(z0.dtype)
+
+
+def _unet_noise(unet, z, t, **conditioning):
+    """eps_theta(z, t): the UNet run in its own dtype, eps in z's dtype."""
+    return unet(z.to(unet.dtype), t, **conditioning).sample.to(z.dtype)
 
 
 class StableDiffusionDenoiser:
@@ -315,14 +326,15 @@ class StableDiffusionDenoiser:
             self.guidance_vae.enable_gradient_checkpointing()
         self.cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, self.cfg, negative_prompt)
-        self.embeds = torch.cat([uncond, cond]) if self.cfg else cond            # [2B or B, 77, 768]
+        embeds = torch.cat([uncond, cond]) if self.cfg else cond                 # [2B or B, 77, 768]
+        self.embeds = embeds.to(pipe.unet.dtype)
         size = pipe.unet.config.sample_size
         self.latent_shape = (pipe.unet.config.in_channels, size, size)          # 4 x H/8 x W/8
 
     def noise(self, z, t):                                                       # [B, 4, h, w]
         if not self.cfg:
-            return self.unet(z, t, encoder_hidden_states=self.embeds).sample
-        uncond, cond = self.unet(torch.cat([z, z]), t, encoder_hidden_states=self.embeds).sample.chunk(2)
+            return _unet_noise(self.unet, z, t, encoder_hidden_states=self.embeds)
+        uncond, cond = _unet_noise(self.unet, torch.cat([z, z]), t, encoder_hidden_states=self.embeds).chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
 
     def decode(self, z0):                                                        # -> [B, 3, 8h, 8w]
@@ -346,9 +358,9 @@ class ClassConditionalDenoiser:
 
     def noise(self, z, t):                                                       # [B, c, h, w]
         if not self.cfg:
-            return self.unet(z, t, class_labels=self.labels).sample
+            return _unet_noise(self.unet, z, t, class_labels=self.labels)
         labels = torch.cat([self.null, self.labels])
-        uncond, cond = self.unet(torch.cat([z, z]), t, class_labels=labels).sample.chunk(2)
+        uncond, cond = _unet_noise(self.unet, torch.cat([z, z]), t, class_labels=labels).chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
 
     def decode(self, z0):
@@ -391,15 +403,40 @@ class Guidance:
 @dataclass
 class LTGOutput:
     images: torch.Tensor          # [B, C, H, W] in [0, 1]
-    signal: torch.Tensor          # [B] the longtail signal of each final image
+    signal: torch.Tensor          # [B] the longtail signal of each final image, the guided kind
+    signals: dict                 # 'total', 'epistemic', 'aleatoric' -> [B]: every kind, of each final image
     label: torch.Tensor           # [B] the predictor's label of each final image
     skipped: torch.Tensor         # [B] guidance steps skipped for a non-finite gradient
     guidance_ratio: list = field(default_factory=list)  # per guided step: mean ||w sqrt(1-abar) grad|| / ||eps||
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def predictor_preprocess(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Images [B, 3, H, W] in [0, 1] -> a torchvision classifier's input [B, 3, size, size] in float32:
+    antialiased bilinear resize (in float32: the CPU kernel has no bfloat16), then normalisation;
+    differentiable. mean and std are copied to each input's device once, not per call."""
+    stats = {}
+
+    def preprocess(x):
+        if x.device not in stats:
+            stats[x.device] = [torch.tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+                               for v in (mean, std)]
+        m, s = stats[x.device]
+        return (F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True) - m) / s
+
+    return preprocess
+
+
+def head_input(head, preprocess, images):
+    """Images in [0, 1] -> preprocess(images) in the head's parameter dtype."""
+    return preprocess(images).to(next(head.parameters()).dtype)
+
+
 def image_signal(head, preprocess, kind):
     """f_lt on decoded images x in [-1, 1]: the predictor sees preprocess((x + 1) / 2)."""
-    return lambda x: longtail_signal(head(preprocess((x + 1) / 2)), kind)
+    return lambda x: longtail_signal(head(head_input(head, preprocess, (x + 1) / 2)), kind)
 
 
 def longtail_gradient(denoiser, signal_fn, z, t, abar_t, through_unet):
@@ -457,7 +494,9 @@ def sample(denoiser, scheduler, head, generators, guidance=Guidance(), preproces
     """Algorithm 1 end to end: z_T from one generator per image, guided DDIM, x = D(z_0).
 
     head: an EpistemicHead (used in eval mode); preprocess: images in [0, 1] -> the predictor's
-    input, with differentiable ops (default: none).
+    input, with differentiable ops (e.g. predictor_preprocess(); default: none). z and the DDIM math
+    are float32; the UNet, the decoders and the head each run in their own dtype, so a float16 or
+    bfloat16 pipeline needs no autocast.
     """
     check_scheduler(scheduler)
     preprocess = preprocess or (lambda x: x)
@@ -471,11 +510,11 @@ def sample(denoiser, scheduler, head, generators, guidance=Guidance(), preproces
         signal_fn = image_signal(head, preprocess, guidance.signal)
         z0, skipped, ratios = sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast, progress)
         images = (denoiser.decode(z0).float() / 2 + 0.5).clamp(0, 1)            # [B, C, H, W]
-        h, mu = head.features_and_logits(preprocess(images))
-        signal = longtail_signal(head.head_logits(h, mu), guidance.signal)
+        h, mu = head.features_and_logits(head_input(head, preprocess, images))
+        signals = longtail_signals_by_kind(head.head_logits(h, mu))
     finally:
         head.train(was_training)
-    return LTGOutput(images, signal, mu.argmax(dim=1), skipped, ratios)
+    return LTGOutput(images, signals[guidance.signal], signals, mu.argmax(dim=1), skipped, ratios)
 
 
 def load_stable_diffusion(path_or_id="CompVis/stable-diffusion-v1-4", device="cpu", dtype=torch.float32):

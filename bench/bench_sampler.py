@@ -1,8 +1,8 @@
 """Benchmark of Longtail Guidance sampling at Stable Diffusion scale (issue 5). Not a test.
 
 Builds the SD 1.4 architecture with random weights (tests/tiny_sd.py; or loads real weights with
---model) and a torchvision ResNet-50 (random) in an ltg.EpistemicHead behind a differentiable
-resize + ImageNet normalisation, then measures for each option and batch size:
+--model) and a torchvision ResNet-50 (random) in an ltg.EpistemicHead behind ltg.predictor_preprocess
+(a differentiable resize + ImageNet normalisation), then measures for each option and batch size:
 
   - the unguided DDIM step and the LTG step (ltg.sample_longtail_ddim over a 2-step schedule, per step);
   - the LTG step's parts, each timed alone by calling the ltg functions the sampler calls
@@ -42,7 +42,6 @@ import tempfile
 
 import diffusers
 import torch
-import torch.nn.functional as F
 import torchvision
 from diffusers import AutoencoderTiny, DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -73,7 +72,6 @@ LOOP_STEPS = 2          # the step rows time sample_longtail_ddim over a schedul
 GUIDANCE_SCALE = 7.5    # classifier-free guidance, as in the paper's setup
 WEIGHT = 1.0            # LTG weight w; the cost does not depend on it (w > 0 guides)
 CLASSES = 102           # Flowers-102
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PROMPTS = [f"a photo of a {c}, a type of flower." for c in ("rose", "tulip", "daisy", "lily", "iris", "orchid")]
 # Targets of issue 5.
 MAX_WHOLE_OVER_PARTS = 1.10
@@ -94,14 +92,6 @@ def parse_option(name):
         raise argparse.ArgumentTypeError(f"unknown option feature(s) {sorted(unknown)}; "
                                          f"choose from baseline, {', '.join(FEATURES)}")
     return features
-
-
-def predictor_input(px, device):
-    """Images in [0, 1] -> the predictor's input: antialiased bilinear resize to px (in float32: the
-    CPU kernel has no bfloat16), ImageNet normalisation; differentiable."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return lambda x: (F.interpolate(x.float(), size=(px, px), mode="bilinear", antialias=True) - mean) / std
 
 
 def epistemic_head(architecture, device):
@@ -260,7 +250,7 @@ class Case:
         self.denoiser = ltg.StableDiffusionDenoiser(pipe, (PROMPTS * batch)[:batch], GUIDANCE_SCALE,
                                                     guidance_decoder=decoder,
                                                     checkpoint_decoder="checkpoint_decoder" in features)
-        self.preprocess = predictor_input(SIZES[size]["predictor_px"], device)
+        self.preprocess = ltg.predictor_preprocess(SIZES[size]["predictor_px"])
         self.signal_fn = ltg.image_signal(head, self.preprocess, "total")
         self.guidance = ltg.Guidance(w=WEIGHT, every=2 if "every2" in features else 1)
         self.loop_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -3,6 +3,7 @@ Stable-Diffusion-shaped pipeline loaded through `from_pretrained`, as a user loa
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 
@@ -81,6 +82,19 @@ def test_signal_rises_with_weight(guidance):
     assert means[0] < means[1] < means[2], f"mean signal at w={ws}: {means}"
 
 
+@pytest.mark.parametrize("kind", ltg.SIGNALS)
+def test_output_carries_every_signal_of_the_final_images(kind):
+    unet, head = tiny_unet(), tiny_head()
+    out = ltg.sample_class_conditional(unet, DDIMScheduler(**SCHEDULER), head, [0, 1, 2], [0, 1, 2],
+                                       ltg.Guidance(w=5.0, signal=kind), num_inference_steps=3, progress=False)
+    total, aleatoric, epistemic = ltg.longtail_signals(head(out.images))
+    assert set(out.signals) == set(ltg.SIGNALS)
+    torch.testing.assert_close(out.signals["total"], total)
+    torch.testing.assert_close(out.signals["aleatoric"], aleatoric)
+    torch.testing.assert_close(out.signals["total"], out.signals["epistemic"] + out.signals["aleatoric"])
+    assert torch.equal(out.signal, out.signals[kind])
+
+
 def test_guidance_window_and_every_select_steps():
     g = ltg.Guidance(w=1.0, start=0.2, end=0.8, every=2)
     assert [i for i in range(10) if g.guides(i, 10)] == [2, 4, 6]
@@ -127,6 +141,18 @@ def test_gradient_equals_finite_differences_in_float64(through_unet):
             h = 1e-6
             fd = (f(z + h * v) - f(z - h * v)) / (2 * h)
             torch.testing.assert_close((grad * v).sum(), fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_predictor_preprocess_is_a_differentiable_resize_and_normalisation(dtype):
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    mean, std = torch.tensor(ltg.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(ltg.IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (F.interpolate(x.detach().float(), size=(32, 32), mode="bilinear", antialias=True) - mean) / std
+    y = ltg.predictor_preprocess(32)(x)                                                  # [2, 3, 32, 32]
+    assert y.dtype == torch.float32
+    assert torch.equal(y, expected)
+    y.square().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and (x.grad != 0).all()
 
 
 class Spy(nn.Module):

@@ -21,10 +21,16 @@ def pipe(tiny_sd_path, monkeypatch):
     return ltg.load_stable_diffusion(tiny_sd_path)
 
 
-def sample(pipe, w=0.0, steps=8, **kwargs):
+def sample(pipe, w=0.0, steps=8, images=8, head_dtype=torch.float32, **kwargs):
     guidance = ltg.Guidance(w=w, **{k: kwargs.pop(k) for k in list(kwargs) if k in ("rescale", "signal")})
-    return ltg.sample_stable_diffusion(pipe, tiny_head(), PROMPTS, SEEDS, guidance, 7.5, num_inference_steps=steps,
-                                       progress=False, **kwargs)
+    return ltg.sample_stable_diffusion(pipe, tiny_head().to(head_dtype), PROMPTS[:images], SEEDS[:images], guidance,
+                                       7.5, num_inference_steps=steps, progress=False, **kwargs)
+
+
+def tiny_guidance_decoder():
+    torch.manual_seed(0)
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
 
 
 def test_zero_weight_reproduces_the_diffusers_pipeline(pipe):
@@ -55,9 +61,7 @@ def test_decoder_checkpointing_changes_memory_not_results(pipe):
 
 
 def test_a_tiny_guidance_decoder_steers_while_the_full_one_renders(pipe):
-    torch.manual_seed(0)
-    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    tiny = tiny_guidance_decoder()
     plain, cheap = sample(pipe, 20.0), sample(pipe, 20.0, guidance_decoder=tiny)
     unguided = sample(pipe, 0.0)
     assert torch.isfinite(cheap.images).all() and cheap.images.shape == plain.images.shape
@@ -70,6 +74,28 @@ def test_bfloat16_autocast_stays_close_to_float32(pipe):
     mixed = sample(pipe, 10.0, autocast=torch.bfloat16)
     assert mixed.images.dtype == torch.float32 and torch.isfinite(mixed.images).all()
     assert (mixed.images - full.images).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("pipe_dtype, head_dtype, tiny_decoder", [
+    (torch.float16, torch.float32, False), (torch.bfloat16, torch.float32, False),
+    (torch.float32, torch.bfloat16, False), (torch.float16, torch.float32, True)],
+    ids=["float16-pipeline", "bfloat16-pipeline", "bfloat16-head", "float16-pipeline-float32-guidance-decoder"])
+def test_half_precision_models_guide_without_autocast(pipe, tiny_sd_path, pipe_dtype, head_dtype, tiny_decoder):
+    """Each model runs in its own dtype (z and the DDIM math stay float32): every guided step gets a
+    finite, non-zero gradient, every image's signal rises, and the images follow float32's guided ones."""
+    def run(models, w, head_dtype):
+        return sample(models, w, steps=2, images=4, head_dtype=head_dtype, rescale=True,
+                      guidance_decoder=tiny_guidance_decoder() if tiny_decoder else None)
+
+    half = ltg.load_stable_diffusion(tiny_sd_path, dtype=pipe_dtype)
+    guided, unguided = run(half, 0.3, head_dtype), run(half, 0.0, head_dtype)
+    full = run(pipe, 0.3, torch.float32)
+    assert guided.images.shape == (4, 3, 64, 64) and guided.images.dtype == torch.float32
+    assert torch.isfinite(guided.images).all() and guided.skipped.tolist() == [0] * 4
+    torch.testing.assert_close(torch.tensor(guided.guidance_ratio), torch.full((2,), 0.3), rtol=1e-4, atol=1e-6)
+    assert (guided.signal > unguided.signal).all(), (guided.signal, unguided.signal)
+    moved = (guided.images - unguided.images).abs().mean()
+    assert (guided.images - full.images).abs().mean() < 0.2 * moved
 
 
 def test_one_seed_per_prompt(pipe):
