@@ -4,20 +4,26 @@ The paper's recipe (Hayden et al., ICML 2025): LLaVA-1.6 describes the LTG image
 longtail signal; an LLM condenses each description plus keywords into one sentence that starts
 "A photo of <Class> that ..."; P = 40 such refined prompts per class then drive generation.
 
-    RUN_DIR/manifest.jsonl                      one line per generated image (written by the generator)
-      -> describe  -> RUN_DIR/introspection/descriptions.jsonl   one line per described image
-      -> summarise -> RUN_DIR/introspection/summaries.jsonl      one line per LLM reply
-                      RUN_DIR/introspection/refined_prompts.json {"class_name": [prompt, ...]}
-      -> report    -> RUN_DIR/introspection/report.md + contact_sheet.png
+    IMAGES/metadata.jsonl                     one row per generated image (written by the generator)
+      -> describe  -> INTROSPECTION/descriptions.jsonl   one line per described image
+      -> summarise -> INTROSPECTION/summaries.jsonl      one line per LLM reply
+                      INTROSPECTION/refined_prompts.json {"class_name": [prompt, ...]}
+      -> report    -> INTROSPECTION/report.md + contact_sheet.png
 
-Manifest line: {"file": "img/0001.png" (relative to RUN_DIR), "class": 3, "class_name": "tulip"
-(or taken from a class-names list), "prompt": str, "seed": int, "w": float, "signal": float}.
+For a train_loop.py run folder RUN, IMAGES is RUN/synthetic and INTROSPECTION is RUN/introspection
+(synthetic/ stays a dataset that loads as it is); for any other FOLDER holding a metadata.jsonl they
+are FOLDER and FOLDER/introspection (run_folder.introspection_paths).
+
+metadata.jsonl is a Hugging Face imagefolder's: one row per image, {"file_name":
+"000-tulip/r00_000000.png" (relative to IMAGES), "label": 0, "class_name": "tulip" (or taken from a
+class-names list), "prompt": str, "seed": int, "w": float, "signal": float, ...}, read and checked
+by run_folder.read_metadata.
 
 Both model steps have two backends: transformers (LLaVA-NeXT for describing, any chat causal LM
 for summarising), or an OpenAI-compatible chat-completions endpoint (a local server or a hosted
 API; key from an environment variable). The .jsonl logs are append-only, so a crash loses at most
 the batch in flight and a re-run skips what is already done; every other file is replaced
-atomically.
+atomically (run_folder.write_atomic).
 
 train_loop.py reads the prompt file through `load_refined_prompts`; `introspect_run` runs all
 three steps for an automatic mode after a generation round.
@@ -40,6 +46,8 @@ from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+import run_folder
 
 PROMPTS_PER_CLASS = 40  # P in the paper
 CLIP_MAX_TOKENS = 77    # Stable Diffusion's text encoder context, BOS and EOS included
@@ -76,57 +84,20 @@ class IntrospectError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: the manifest in, append-only logs, atomic writes.
+# Files: metadata.jsonl in, append-only logs.
 
-def read_manifest(run_dir, class_names=None, manifest="manifest.jsonl"):
-    """The manifest's rows as dicts, each with an int "class", a str "class_name", a float "signal".
+def read_image_rows(images, class_names=None):
+    """The rows of images/metadata.jsonl (run_folder.read_metadata); an absent or empty file is an error.
 
-    class_names (list[str], indexed by class) supplies "class_name" where a row lacks it.
+    class_names (list[str], indexed by label) supplies "class_name" where a row lacks it.
     """
-    path = Path(run_dir) / manifest
-    if not path.is_file():
-        raise IntrospectError(f"no manifest at {path}; expected a run folder holding {manifest}")
-    rows, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                row = _manifest_row(line, f"{path}:{lineno}", class_names)
-                if row["file"] in seen:  # the logs are keyed by file
-                    raise IntrospectError(f"{path}:{lineno}: image {row['file']!r} is listed twice")
-                seen.add(row["file"])
-                rows.append(row)
+    path = Path(images) / "metadata.jsonl"
+    rows = run_folder.read_metadata(path, class_names)
     if not rows:
-        raise IntrospectError(f"{path} lists no images")
+        raise IntrospectError(f"{path} lists no images" if path.exists() else
+                              f"no {path}; expected a folder holding metadata.jsonl or a train_loop.py run folder "
+                              "with generated images")
     return rows
-
-
-def _manifest_row(line, where, class_names):
-    try:
-        row = json.loads(line)
-    except ValueError:
-        raise IntrospectError(f"{where}: not a JSON object: {_clip(line)}") from None
-    if not isinstance(row, dict):
-        raise IntrospectError(f"{where}: not a JSON object: {_clip(line)}")
-    file, label, signal = row.get("file"), row.get("class"), row.get("signal")
-    if not isinstance(file, str) or not file or os.path.isabs(file):
-        raise IntrospectError(f"{where}: \"file\" is {file!r}; expected a path relative to the run folder")
-    if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-        raise IntrospectError(f"{where}: \"class\" is {label!r}; expected a class index (int >= 0)")
-    if not isinstance(signal, (int, float)) or isinstance(signal, bool) or not math.isfinite(signal):
-        raise IntrospectError(f"{where}: \"signal\" is {signal!r}; expected a finite number")
-    name = row.get("class_name")
-    if name is None:
-        if class_names is None:
-            raise IntrospectError(f"{where}: no \"class_name\"; pass the class names (--class-names FILE)")
-        if label >= len(class_names):
-            raise IntrospectError(f"{where}: class {label} is out of range for {len(class_names)} class names")
-        name = class_names[label]
-    elif not isinstance(name, str) or not name.strip():
-        raise IntrospectError(f"{where}: \"class_name\" is {name!r}; expected a non-empty string")
-    elif class_names is not None and label < len(class_names) and class_names[label] != name:
-        raise IntrospectError(f"{where}: class_name {name!r} but the class names give {class_names[label]!r} "
-                              f"for class {label}")
-    return {**row, "class_name": name, "signal": float(signal)}
 
 
 def read_class_names(path):
@@ -167,7 +138,7 @@ def read_log(path):
             if i < len(lines) - 1:
                 raise IntrospectError(f"{path}:{i + 1}: corrupt record; fix or delete the file") from None
             print(f"introspect: dropping a torn last line of {path} (an interrupted run)", file=sys.stderr)
-            write_atomic(path, "".join(lines[:i]).encode("utf-8"))
+            run_folder.write_atomic(path, "".join(lines[:i]).encode("utf-8"))
             break
         records.append(record)
     return records
@@ -179,22 +150,6 @@ def append_log(path, records):
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_atomic(path, data):
-    """Write bytes to path through a temporary file and os.replace: readers, and a kill at any moment,
-    see the old file or the new one, never half. Creates the folder; the file gets the umask's mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _clip(text, n=120):
@@ -220,39 +175,40 @@ def _open_rgb(path):
 
 def select_hard_images(rows, per_class):
     """The per_class rows with the highest signal in each class; ordered by class, then signal (high first)."""
-    ranked = sorted(rows, key=lambda r: (r["class"], -r["signal"], r["file"]))
+    ranked = sorted(rows, key=lambda r: (r["label"], -r["signal"], r["file_name"]))
     taken = Counter()
     chosen = []
     for row in ranked:
-        if taken[row["class"]] < per_class:
-            taken[row["class"]] += 1
+        if taken[row["label"]] < per_class:
+            taken[row["label"]] += 1
             chosen.append(row)
     return chosen
 
 
-def describe(run_dir, describer, per_class=PROMPTS_PER_CLASS, class_names=None, manifest="manifest.jsonl"):
+def describe(run_dir, describer, per_class=PROMPTS_PER_CLASS, class_names=None):
     """Describe the per_class hardest images of each class; return the path of descriptions.jsonl.
 
+    run_dir: a train_loop.py run folder or a folder holding metadata.jsonl (run_folder.introspection_paths).
     describer: a VLM backend (LlavaDescriber, EndpointDescriber). Each record appended:
-    {"file", "class", "class_name", "signal", "prompt", "w", "description"}. Images already in the
-    log are skipped, so an interrupted run resumes where it stopped.
+    {"file_name", "label", "class_name", "signal", "prompt", "w", "description"}. Images already in
+    the log are skipped, so an interrupted run resumes where it stopped.
     """
     if per_class < 1:
         raise IntrospectError(f"--per-class is {per_class}; expected an integer >= 1")
-    run_dir = Path(run_dir)
-    chosen = select_hard_images(read_manifest(run_dir, class_names, manifest), per_class)
+    images, folder = run_folder.introspection_paths(run_dir)
+    chosen = select_hard_images(read_image_rows(images, class_names), per_class)
     for row in chosen:  # fail before any model work, not halfway through
-        if not (run_dir / row["file"]).is_file():
-            raise IntrospectError(f"image {row['file']!r} listed in the manifest is missing from {run_dir}")
-    out = run_dir / "introspection" / "descriptions.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    done = {r["file"] for r in read_log(out)}
-    todo = [row for row in chosen if row["file"] not in done]
+        if not (images / row["file_name"]).is_file():
+            raise IntrospectError(f"image {row['file_name']!r} listed in {images / 'metadata.jsonl'} is missing")
+    out = folder / "descriptions.jsonl"
+    folder.mkdir(exist_ok=True)
+    done = {r["file_name"] for r in read_log(out)}
+    todo = [row for row in chosen if row["file_name"] not in done]
     for batch in _batches(todo, describer.batch_size):
-        images = [_open_rgb(run_dir / row["file"]) for row in batch]
+        pictures = [_open_rgb(images / row["file_name"]) for row in batch]
         questions = [DESCRIBE_QUESTION.format(class_name=row["class_name"]) for row in batch]
-        texts = describer(images, questions)
-        append_log(out, [{"file": row["file"], "class": row["class"], "class_name": row["class_name"],
+        texts = describer(pictures, questions)
+        append_log(out, [{"file_name": row["file_name"], "label": row["label"], "class_name": row["class_name"],
                           "signal": row["signal"], "prompt": row.get("prompt"), "w": row.get("w"),
                           "description": " ".join(text.split())} for row, text in zip(batch, texts)])
     print(f"introspect: described {len(todo)} images ({len(chosen) - len(todo)} already done) -> {out}",
@@ -316,11 +272,19 @@ def _dedup_key(prompt):
     return " ".join(prompt.lower().split()).rstrip(".")
 
 
+def read_descriptions(folder):
+    """The records of folder/descriptions.jsonl; none is an error (describe comes first)."""
+    descriptions = read_log(Path(folder) / "descriptions.jsonl")
+    if not descriptions:
+        raise IntrospectError(f"no descriptions in {folder}; run `introspect.py describe` first")
+    return descriptions
+
+
 def summarise(run_dir, writer, prompts_per_class=PROMPTS_PER_CLASS, tokenizer=None):
     """Write one refined prompt per description; return the path of refined_prompts.json.
 
     writer: an LLM backend (CausalLMWriter, EndpointWriter). Each reply is logged in summaries.jsonl
-    as {"file", "class_name", "signal", "reply", "refined_prompt"}, with "refined_prompt" null and
+    as {"file_name", "class_name", "signal", "reply", "refined_prompt"}, with "refined_prompt" null and
     "rejected" the reason when the reply cannot be repaired; logged replies are not asked again on a
     re-run (greedy decoding would only repeat them).
     refined_prompts.json keeps, per class, up to prompts_per_class distinct prompts (case and
@@ -330,13 +294,11 @@ def summarise(run_dir, writer, prompts_per_class=PROMPTS_PER_CLASS, tokenizer=No
     """
     if prompts_per_class < 1:
         raise IntrospectError(f"--prompts-per-class is {prompts_per_class}; expected an integer >= 1")
-    folder = Path(run_dir) / "introspection"
-    descriptions = read_log(folder / "descriptions.jsonl")
-    if not descriptions:
-        raise IntrospectError(f"no descriptions in {folder}; run `introspect.py describe` first")
+    folder = run_folder.introspection_paths(run_dir)[1]
+    descriptions = read_descriptions(folder)
     log = folder / "summaries.jsonl"
-    done = {r["file"] for r in read_log(log)}
-    todo = [d for d in descriptions if d["file"] not in done]
+    done = {r["file_name"] for r in read_log(log)}
+    todo = [d for d in descriptions if d["file_name"] not in done]
     for batch in _batches(todo, writer.batch_size):
         requests = [SUMMARISE_REQUEST.format(
             class_name=d["class_name"], description=d["description"], prefix=prompt_prefix(d["class_name"]),
@@ -345,7 +307,8 @@ def summarise(run_dir, writer, prompts_per_class=PROMPTS_PER_CLASS, tokenizer=No
         replies = writer(requests, [prompt_prefix(d["class_name"]) for d in batch])
         records = []
         for d, reply in zip(batch, replies):
-            record = {"file": d["file"], "class_name": d["class_name"], "signal": d["signal"], "reply": reply}
+            record = {"file_name": d["file_name"], "class_name": d["class_name"], "signal": d["signal"],
+                      "reply": reply}
             try:
                 record["refined_prompt"] = refine_prompt(reply, d["class_name"], tokenizer)
             except IntrospectError as e:
@@ -359,7 +322,7 @@ def summarise(run_dir, writer, prompts_per_class=PROMPTS_PER_CLASS, tokenizer=No
     for name in sorted({d["class_name"] for d in descriptions} - set(prompts)):
         print(f"introspect: class {name!r} got no valid prompt; it keeps its default prompt", file=sys.stderr)
     out = folder / "refined_prompts.json"
-    write_atomic(out, (json.dumps(prompts, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    run_folder.write_atomic(out, (json.dumps(prompts, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     print(f"introspect: {sum(map(len, prompts.values()))} prompts for {len(prompts)} classes -> {out}",
           file=sys.stderr)
     return out
@@ -444,29 +407,25 @@ def report(run_dir, images_per_class=5):
     """
     if images_per_class < 1:
         raise IntrospectError(f"--images-per-class is {images_per_class}; expected an integer >= 1")
-    run_dir = Path(run_dir)
-    folder = run_dir / "introspection"
-    descriptions = read_log(folder / "descriptions.jsonl")
-    if not descriptions:
-        raise IntrospectError(f"no descriptions in {folder}; run `introspect.py describe` first")
+    images, folder = run_folder.introspection_paths(run_dir)
+    descriptions = read_descriptions(folder)
     prompts_file = folder / "refined_prompts.json"
     prompts = load_refined_prompts(prompts_file, sorted({d["class_name"] for d in descriptions})) \
         if prompts_file.exists() else {}
     by_class = {}
-    for d in sorted(descriptions, key=lambda d: (d["class"], -d["signal"])):
+    for d in sorted(descriptions, key=lambda d: (d["label"], -d["signal"])):
         by_class.setdefault(d["class_name"], []).append(d)
     rows = [(name, ds, class_keywords(ds, name), prompts.get(name, [])) for name, ds in by_class.items()]
 
-    sheet = contact_sheet(run_dir, rows, images_per_class)
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    write_atomic(folder / "contact_sheet.png", buffer.getvalue())
-    write_atomic(folder / "report.md", report_markdown(run_dir, rows).encode("utf-8"))
+    sheet = contact_sheet(images, rows, images_per_class)
+    run_folder.write_with(folder / "contact_sheet.png", lambda f: sheet.save(f, format="PNG"))
+    run_folder.write_atomic(folder / "report.md", report_markdown(images, folder, rows).encode("utf-8"))
     return folder / "report.md", folder / "contact_sheet.png"
 
 
-def contact_sheet(run_dir, rows, images_per_class):
-    """The contact sheet as a PIL image; rows: [(class_name, descriptions, keywords, prompts)]."""
+def contact_sheet(images, rows, images_per_class):
+    """The contact sheet as a PIL image of the described images in the folder `images`;
+    rows: [(class_name, descriptions, keywords, prompts)]."""
     row_height = THUMB + CAPTION
     sheet = Image.new("RGB", (images_per_class * THUMB + TEXT_WIDTH, len(rows) * row_height), "white")
     draw = ImageDraw.Draw(sheet)
@@ -474,7 +433,7 @@ def contact_sheet(run_dir, rows, images_per_class):
     for r, (name, descriptions, words, prompts) in enumerate(rows):
         top = r * row_height
         for c, d in enumerate(descriptions[:images_per_class]):
-            image = _open_rgb(run_dir / d["file"])
+            image = _open_rgb(images / d["file_name"])
             image.thumbnail((THUMB, THUMB))
             sheet.paste(image, (c * THUMB + (THUMB - image.width) // 2, top + (THUMB - image.height) // 2))
             draw.text((c * THUMB + 4, top + THUMB + 1), f"signal {d['signal']:.3f}", fill="black", font=font)
@@ -485,8 +444,10 @@ def contact_sheet(run_dir, rows, images_per_class):
     return sheet
 
 
-def report_markdown(run_dir, rows):
-    lines = [f"# Longtail introspection: {run_dir.name}", "",
+def report_markdown(images, folder, rows):
+    """report.md, written to `folder`: it links each described image of the folder `images` by its
+    path relative to `folder`."""
+    lines = [f"# Longtail introspection: {folder.resolve().parent.name}", "",
              "The images the predictor found hardest (highest longtail signal), what a vision-language model "
              "saw in them, and the refined prompts written from that.", "",
              "![contact sheet](contact_sheet.png)", ""]
@@ -496,8 +457,8 @@ def report_markdown(run_dir, rows):
         lines += [f"- {p}" for p in prompts] or ["- none yet (run `introspect.py summarise`)"]
         lines += ["", "| image | signal | w | description |", "|---|---|---|---|"]
         for d in descriptions:
-            lines.append(f"| ![](<../{d['file']}>) | {d['signal']:.3f} | {d.get('w')} | "
-                         f"{d['description'].replace('|', '/')} |")
+            link = os.path.relpath(images / d["file_name"], folder)
+            lines.append(f"| ![](<{link}>) | {d['signal']:.3f} | {d.get('w')} | {d['description'].replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -507,7 +468,7 @@ def introspect_run(run_dir, vlm=None, vlm_url=None, llm=None, llm_url=None, vlm_
                    clip_tokenizer=None, **backend_options):
     """Describe, summarise and report on a run folder (resumable); return the path of refined_prompts.json.
 
-    The automatic mode after a generation round: train_loop calls this on the round's folder, then
+    The automatic mode after a generation round: train_loop calls this on its run folder, then
     passes the result to load_refined_prompts. One of vlm / vlm_url and one of llm / llm_url, as on
     the command line; vlm_model / llm_model name the models an endpoint serves; backend_options
     (api_key_env, timeout, device, batch_size) go to both. The VLM is released before the LLM is
@@ -540,7 +501,7 @@ def _torch_setup(device):
 
 def _release_gpu_memory():
     """Hand the cached blocks of a dropped model back to the GPU, for the next model or the training."""
-    torch = sys.modules.get("torch")  # an endpoint-only run never imports torch
+    torch = sys.modules.get("torch")  # imported by the model backends and run_folder, not here
     if torch is not None and torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
@@ -745,12 +706,16 @@ def _positive_float(text):
     return value
 
 
+RUN_DIR_HELP = ("a train_loop.py run folder, or any folder holding metadata.jsonl (Hugging Face imagefolder "
+                "format: file_name, label, class_name, signal ...) and the images it lists")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="introspect.py", description=__doc__.split("\n\n")[0])
     steps = parser.add_subparsers(dest="step", required=True)
 
     def backend_options(p, kind, default_model):
-        p.add_argument("run_dir", help="the folder holding manifest.jsonl (or a train_loop.py run folder)")
+        p.add_argument("run_dir", help=RUN_DIR_HELP)
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument(f"--{kind}", metavar="PATH_OR_ID", help="a transformers model: local folder or hub id")
         source.add_argument(f"--{kind}-url", metavar="URL",
@@ -769,7 +734,7 @@ def build_parser():
     d.add_argument("--per-class", type=_positive_int, default=PROMPTS_PER_CLASS,
                    help=f"images to describe per class, highest signal first (default {PROMPTS_PER_CLASS})")
     d.add_argument("--class-names", metavar="FILE",
-                   help="JSON list or one name per line, for manifests without class_name")
+                   help="JSON list or one name per line, indexed by label, for metadata.jsonl without class_name")
 
     s = steps.add_parser("summarise", help="the descriptions -> introspection/refined_prompts.json")
     backend_options(s, "llm", DEFAULT_ENDPOINT_LLM)
@@ -780,17 +745,9 @@ def build_parser():
                         "(default: over 300 characters)")
 
     r = steps.add_parser("report", help="introspection/report.md and contact_sheet.png")
-    r.add_argument("run_dir", help="the run folder")
+    r.add_argument("run_dir", help=RUN_DIR_HELP)
     r.add_argument("--images-per-class", type=_positive_int, default=5, help="thumbnails per class on the sheet")
     return parser
-
-
-def images_dir(run_dir):
-    """The folder holding manifest.jsonl and the images it lists: the run folder itself, or the
-    synthetic/ folder of a train_loop.py run."""
-    run_dir = Path(run_dir)
-    synthetic = run_dir / "synthetic"
-    return synthetic if not (run_dir / "manifest.jsonl").exists() and (synthetic / "manifest.jsonl").exists() else run_dir
 
 
 def main(argv=None):
@@ -798,16 +755,15 @@ def main(argv=None):
     try:
         if not Path(args.run_dir).is_dir():
             raise IntrospectError(f"run folder {args.run_dir!r} does not exist")
-        args.run_dir = images_dir(args.run_dir)
+        images, folder = run_folder.introspection_paths(args.run_dir)
         if args.step == "describe":
             names = read_class_names(args.class_names) if args.class_names else None
-            read_manifest(args.run_dir, names)  # bad input fails before a 7B model is loaded
+            read_image_rows(images, names)  # bad input fails before a 7B model is loaded
             describer = make_describer(args.vlm, args.vlm_url, args.model, args.api_key_env, args.timeout,
                                        args.device, args.batch_size)
             describe(args.run_dir, describer, args.per_class, names)
         elif args.step == "summarise":
-            if not read_log(Path(args.run_dir) / "introspection" / "descriptions.jsonl"):
-                raise IntrospectError(f"no descriptions in {args.run_dir}; run `introspect.py describe` first")
+            read_descriptions(folder)
             tokenizer = None
             if args.clip_tokenizer:
                 from transformers import AutoTokenizer
@@ -818,7 +774,7 @@ def main(argv=None):
         else:
             for path in report(args.run_dir, args.images_per_class):
                 print(path)
-    except IntrospectError as e:
+    except (IntrospectError, run_folder.RunFolderError) as e:
         print(f"introspect.py {args.step}: error: {e}", file=sys.stderr)
         return 1
     return 0

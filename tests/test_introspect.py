@@ -4,7 +4,8 @@ The transformers paths run tiny random-weight models (LLaVA-NeXT, Llama) saved w
 and loaded by path, as a user loads llava-hf/llava-v1.6-mistral-7b-hf: the text they write is
 garbage, but shapes, batching, chat templates and parsing are real. The endpoint path talks to a
 real HTTP server on 127.0.0.1 that speaks the OpenAI chat-completions protocol and can be told to
-misbehave. Run folders are made here: a few solid-colour PNGs and a manifest.jsonl.
+misbehave. Image folders are made here: a few solid-colour PNGs in class folders and a metadata.jsonl
+(a Hugging Face imagefolder), alone or as the synthetic/ folder of a train_loop.py run folder.
 """
 
 import base64
@@ -23,36 +24,48 @@ import pytest
 from PIL import Image
 
 import introspect
+import run_folder
 from introspect import IntrospectError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["tulip", "sweet pea"]
-# (file, class, signal, colour, size): three images per class with distinct signals; sizes differ so
+# (file_name, label, signal, colour, size): three images per class with distinct signals; sizes differ so
 # that a LLaVA-NeXT batch needs a different number of image tokens per row (padding is real).
 IMAGES = [
-    ("img/t0.png", 0, 0.90, (200, 30, 30), (40, 32)),
-    ("img/t1.png", 0, 0.10, (30, 200, 30), (32, 32)),
-    ("img/t2.png", 0, 0.50, (30, 30, 200), (32, 40)),
-    ("img/p0.png", 1, 0.20, (200, 200, 30), (32, 32)),
-    ("img/p1.png", 1, 0.70, (30, 200, 200), (40, 32)),
-    ("img/p2.png", 1, 0.40, (200, 30, 200), (32, 32)),
+    ("000-tulip/t0.png", 0, 0.90, (200, 30, 30), (40, 32)),
+    ("000-tulip/t1.png", 0, 0.10, (30, 200, 30), (32, 32)),
+    ("000-tulip/t2.png", 0, 0.50, (30, 30, 200), (32, 40)),
+    ("001-sweet_pea/p0.png", 1, 0.20, (200, 200, 30), (32, 32)),
+    ("001-sweet_pea/p1.png", 1, 0.70, (30, 200, 200), (40, 32)),
+    ("001-sweet_pea/p2.png", 1, 0.40, (200, 30, 200), (32, 32)),
 ]
 COLOURS = {file: colour for file, _, _, colour, _ in IMAGES}
 
 
-def make_run(folder, with_class_name=True):
-    """A run folder: IMAGES as PNGs plus manifest.jsonl in the generator's format."""
+def make_run(folder, with_class_name=True, file_names=None):
+    """An image folder: IMAGES as PNGs plus metadata.jsonl in the generator's format; file_names (one
+    per image) replaces IMAGES' names."""
     folder = Path(folder)
-    (folder / "img").mkdir(parents=True)
-    with open(folder / "manifest.jsonl", "w") as f:
-        for i, (file, label, signal, colour, size) in enumerate(IMAGES):
+    file_names = file_names or [file for file, *_ in IMAGES]
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, (file, (_, label, signal, colour, size)) in enumerate(zip(file_names, IMAGES)):
+            (folder / file).parent.mkdir(exist_ok=True)
             Image.new("RGB", size, colour).save(folder / file)
-            row = {"file": file, "class": label, "prompt": f"a photo of a {CLASSES[label]}", "seed": i,
+            row = {"file_name": file, "label": label, "prompt": f"a photo of a {CLASSES[label]}", "seed": i,
                    "w": 2.0, "signal": signal}
             if with_class_name:
                 row["class_name"] = CLASSES[label]
             f.write(json.dumps(row) + "\n")
     return folder
+
+
+def make_train_loop_run(run):
+    """A train_loop.py run folder: config.json, and IMAGES in synthetic/ named as train_loop.py names them."""
+    make_run(run / "synthetic", file_names=[run_folder.image_file(label, CLASSES[label], len(CLASSES), 0, i)
+                                            for i, (_, label, *_) in enumerate(IMAGES)])
+    (run / "config.json").write_text(json.dumps({"dataset": "flowers"}))
+    return run
 
 
 @pytest.fixture
@@ -67,11 +80,12 @@ def log_lines(run, name="descriptions.jsonl"):
 
 def write_descriptions(run, per_class=3):
     """descriptions.jsonl as `describe` writes it, without running a VLM."""
-    rows = introspect.select_hard_images(introspect.read_manifest(run), per_class)
-    (Path(run) / "introspection").mkdir(exist_ok=True)
-    introspect.append_log(Path(run) / "introspection" / "descriptions.jsonl", [
+    images, folder = run_folder.introspection_paths(run)
+    rows = introspect.select_hard_images(introspect.read_image_rows(images), per_class)
+    folder.mkdir(exist_ok=True)
+    introspect.append_log(folder / "descriptions.jsonl", [
         {**r, "description": f"A {r['class_name']} with wilted petals, seen from below against a dark "
-                             f"stormy sky; petals wilted and blurry ({r['file']})."} for r in rows])
+                             f"stormy sky; petals wilted and blurry ({r['file_name']})."} for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +188,10 @@ def test_llava_describes_hardest_images_batched_and_resumes(tiny_vlm_path, run_d
 
     records = log_lines(run_dir)
     # The two highest-signal images of each class, class by class, highest first.
-    assert [r["file"] for r in records] == ["img/t0.png", "img/t2.png", "img/p1.png", "img/p2.png"]
+    assert [r["file_name"] for r in records] == ["000-tulip/t0.png", "000-tulip/t2.png", "001-sweet_pea/p1.png",
+                                                 "001-sweet_pea/p2.png"]
     assert calls == [2, 2]
-    assert all(isinstance(r["description"], str) and r["class_name"] == CLASSES[r["class"]] for r in records)
+    assert all(isinstance(r["description"], str) and r["class_name"] == CLASSES[r["label"]] for r in records)
     assert not any("generated to show" in r["description"] for r in records)  # the answer only, not the question
     assert out == run_dir / "introspection" / "descriptions.jsonl"
 
@@ -302,7 +317,7 @@ def test_endpoint_describe_summarise_report(server, run_dir, monkeypatch):
     headers, body = server.requests[0]
     assert headers["Authorization"] == "Bearer secret-key" and body["model"] == "my-llava"
     image = decode_image(body["messages"][0]["content"])
-    assert image.size == (40, 32) and image.getpixel((0, 0)) == COLOURS["img/t0.png"]
+    assert image.size == (40, 32) and image.getpixel((0, 0)) == COLOURS["000-tulip/t0.png"]
     assert "tulip" in body["messages"][0]["content"][0]["text"]
 
     writer = introspect.make_writer(llm_url=server.url + "/chat/completions", timeout=5)
@@ -344,12 +359,12 @@ def test_endpoint_failure_is_clear_and_a_rerun_resumes(server, run_dir, fault, m
         introspect.describe(run_dir, describer, per_class=3)
     assert "\n" not in str(failure.value)
     done = log_lines(run_dir)  # every line whole: the two answered before the fault
-    assert [r["file"] for r in done] == ["img/t0.png", "img/t2.png"]
+    assert [r["file_name"] for r in done] == ["000-tulip/t0.png", "000-tulip/t2.png"]
 
     sent = len(server.requests)
     introspect.describe(run_dir, describer, per_class=3)
     assert len(server.requests) - sent == 4  # only the four not yet described
-    assert sorted(r["file"] for r in log_lines(run_dir)) == sorted(COLOURS)
+    assert sorted(r["file_name"] for r in log_lines(run_dir)) == sorted(COLOURS)
 
 
 def test_summarise_failure_writes_no_prompt_file_and_resumes(server, run_dir):
@@ -375,7 +390,7 @@ def test_torn_last_log_line_is_redone(server, run_dir):
     sent = len(server.requests)
     introspect.describe(run_dir, describer, per_class=1)
     assert len(server.requests) - sent == 1
-    assert [r["file"] for r in log_lines(run_dir)] == ["img/t0.png", "img/p1.png"]
+    assert [r["file_name"] for r in log_lines(run_dir)] == ["000-tulip/t0.png", "001-sweet_pea/p1.png"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +484,7 @@ def test_contact_sheet_layout(run_dir):
     t, c, w = introspect.THUMB, introspect.CAPTION, introspect.TEXT_WIDTH
     assert sheet.size == (2 * t + w, 2 * (t + c))
     # Row per class in class order, thumbnails highest signal first: the centre of each cell holds its image.
-    expected = [["img/t0.png", "img/t2.png"], ["img/p1.png", "img/p2.png"]]
+    expected = [["000-tulip/t0.png", "000-tulip/t2.png"], ["001-sweet_pea/p1.png", "001-sweet_pea/p2.png"]]
     for r, files in enumerate(expected):
         for col, file in enumerate(files):
             pixel = sheet.getpixel((col * t + t // 2, r * (t + c) + t // 2))
@@ -479,7 +494,7 @@ def test_contact_sheet_layout(run_dir):
 
     text = md.read_text()
     assert "## tulip" in text and "## sweet pea" in text and "A photo of tulip that is wilted." in text
-    assert "![](<../img/t0.png>)" in text and "wilted" in text
+    assert "![](<../000-tulip/t0.png>)" in text and "wilted" in text
 
 
 def run_cli(*args):
@@ -517,21 +532,21 @@ def test_cli_class_names_file(server, tmp_path):
     (None, ["describe", "{run}", "--vlm", "x", "--vlm-url", "http://127.0.0.1:9"], "not allowed with argument"),
     (None, ["summarise", "{run}", "--llm-url", "http://127.0.0.1:9"], "run `introspect.py describe` first"),
     (None, ["report", "{run}"], "run `introspect.py describe` first"),
-    ('"signal": 0.9', ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
-     'manifest.jsonl:1: "signal" is \'high\'; expected a finite number'),
-    (', "class_name": "tulip"', ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
-     'manifest.jsonl:1: no "class_name"; pass the class names (--class-names FILE)'),
-    ("img/t0.png", ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
-     "image 'img/gone.png' listed in the manifest is missing"),
-    ('"file": "img/t1.png"', ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
-     "manifest.jsonl:2: image 'img/t0.png' is listed twice"),
+    (('"signal": 0.9', '"signal": "high"'), ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
+     'metadata.jsonl:1: "signal" is \'high\'; expected a finite number'),
+    ((', "class_name": "tulip"', ""), ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
+     'metadata.jsonl:1: no "class_name"; pass the class names (--class-names FILE)'),
+    (("000-tulip/t0.png", "000-tulip/gone.png"), ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
+     "image '000-tulip/gone.png' listed in {run}/metadata.jsonl is missing"),
+    (("000-tulip/t1.png", "000-tulip/t0.png"), ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
+     "metadata.jsonl:2: image '000-tulip/t0.png' is listed twice"),
+    (('"label": 1', '"label": -1'), ["describe", "{run}", "--vlm-url", "http://127.0.0.1:9"],
+     'metadata.jsonl:4: "label" is -1; expected a class index (int >= 0)'),
 ])
 def test_cli_bad_input_one_line_error_nothing_written(run_dir, edit, args, message):
-    manifest = run_dir / "manifest.jsonl"
+    metadata = run_dir / "metadata.jsonl"
     if edit is not None:
-        replacement = {'"signal": 0.9': '"signal": "high"', ', "class_name": "tulip"': "",
-                       "img/t0.png": "img/gone.png", '"file": "img/t1.png"': '"file": "img/t0.png"'}[edit]
-        manifest.write_text(manifest.read_text().replace(edit, replacement, 1))
+        metadata.write_text(metadata.read_text().replace(*edit, 1))
     result = run_cli(*[a.format(run=run_dir) for a in args])
     assert result.returncode != 0
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -539,9 +554,47 @@ def test_cli_bad_input_one_line_error_nothing_written(run_dir, edit, args, messa
     assert not any((run_dir / "introspection").glob("*.*"))  # no file, not even a temporary one
 
 
+@pytest.mark.parametrize("metadata, message", [
+    ("\n", "{run}/metadata.jsonl lists no images"),
+    (None, "no {run}/metadata.jsonl; expected a folder holding metadata.jsonl or a train_loop.py run folder with "
+           "generated images"),
+])
+def test_cli_folder_without_images(run_dir, capsys, metadata, message):
+    (run_dir / "metadata.jsonl").unlink()
+    if metadata is not None:
+        (run_dir / "metadata.jsonl").write_text(metadata)
+    assert introspect.main(["describe", str(run_dir), "--vlm-url", "http://127.0.0.1:9"]) == 1
+    assert capsys.readouterr().err == f"introspect.py describe: error: {message.format(run=run_dir)}\n"
+
+
+def test_cli_unwritable_introspection_file_is_a_one_line_error(run_dir, capsys):
+    write_descriptions(run_dir)
+    (run_dir / "introspection" / "contact_sheet.png").mkdir()
+    assert introspect.main(["report", str(run_dir)]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"introspect.py report: error: cannot write {run_dir}/introspection/contact_sheet.png: ")
+
+
 def test_cli_takes_a_train_loop_run_folder(server, tmp_path):
-    """train_loop.py keeps its images and manifest in RUN/synthetic: the CLI accepts RUN itself."""
-    make_run(tmp_path / "run" / "synthetic")
-    assert introspect.main(["describe", str(tmp_path / "run"), "--vlm-url", server.url, "--per-class", "1"]) == 0
-    assert log_lines(tmp_path / "run" / "synthetic")
-    assert not (tmp_path / "run" / "introspection").exists()
+    """train_loop.py keeps its images in RUN/synthetic, a dataset that loads as it is (any subfolder
+    would be a class): the CLI takes RUN itself and writes its files to RUN/introspection."""
+    run = make_train_loop_run(tmp_path / "run")
+    dataset = {path: path.stat().st_mtime_ns for path in (run / "synthetic").rglob("*")}
+    assert introspect.main(["describe", str(run), "--vlm-url", server.url, "--per-class", "1"]) == 0
+    assert introspect.main(["summarise", str(run), "--llm-url", server.url]) == 0
+    assert introspect.main(["report", str(run)]) == 0
+    assert [r["file_name"] for r in log_lines(run)] == ["000-tulip/r00_000000.png", "001-sweet_pea/r00_000004.png"]
+    assert sorted(p.name for p in (run / "introspection").iterdir()) == [
+        "contact_sheet.png", "descriptions.jsonl", "refined_prompts.json", "report.md", "summaries.jsonl"]
+    assert {path: path.stat().st_mtime_ns for path in (run / "synthetic").rglob("*")} == dataset  # untouched
+
+
+@pytest.mark.parametrize("layout", ["image folder", "train_loop.py run folder"])
+def test_report_links_resolve_to_the_images(tmp_path, layout):
+    run = make_run(tmp_path / "run") if layout == "image folder" else make_train_loop_run(tmp_path / "run")
+    write_descriptions(run)
+    md, _ = introspect.report(run)
+    links = re.findall(r"!\[\]\(<(.+?)>\)", md.read_text())
+    assert len(links) == len(IMAGES) and all((md.parent / link).is_file() for link in links)
+    first = "../000-tulip/t0.png" if layout == "image folder" else "../synthetic/000-tulip/r00_000000.png"
+    assert links[0] == first

@@ -1,44 +1,67 @@
-"""train_loop.py on tiny configs: results, kill -9 and --resume, two gloo processes, bad flags.
+"""train_loop.py on tiny configs: results, the mined dataset, kill -9 and --resume, two gloo processes,
+a damaged or busy run folder, bad flags, and the paper-dataset path offline (download and hub faked).
 
 The cycle runs in subprocesses, as a user runs it (and so its deterministic-algorithm and thread
-settings stay out of this process); flag checks run in-process through `train_loop.main`.
+settings stay out of this process), except where a boundary (the network) must be faked in-process;
+flag checks run in-process through `train_loop.main`.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import introspect
+import run_folder
+import tasks
 import train_loop
 from test_introspect import server  # noqa: F401  (the loopback OpenAI-compatible endpoint)
+from tiny_sd import install_in_hub_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--pretrain-epochs", "1", "--epochs", "3", "--batch-size", "64", "--gen-epochs", "0,2", "--synthetic", "0.1",
         "--steps", "4", "--gen-batch", "4", "--threads", "1"]
+ENV = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run_script(*args, cwd, check=True, launcher=(sys.executable,)):
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([*launcher, str(ROOT / "train_loop.py"), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_script(*args, cwd, check=True, launcher=(sys.executable,), script=ROOT / "train_loop.py"):
+    proc = subprocess.run([*launcher, str(script), *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def one_line_error(proc, *messages):
+    """The run failed with exit code 2 and one line on stderr holding every message."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "\n" not in err and "Traceback" not in err, err
+    for m in messages:
+        assert m in err, err
+    return err
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file() and p.name != "lock"}
 
 
 @pytest.fixture(scope="module")
 def foundation(tmp_path_factory):
     """A digits foundation model trained for a few steps: poor images, but the real code path."""
     out = tmp_path_factory.mktemp("foundation")
-    run_script("--train-foundation", "--foundation-steps", "3", "--threads", "1", "--out", out, cwd=out)
+    run_script("--steps", "3", "--threads", "1", "--out", out, cwd=out, script=ROOT / "assets" / "train_digits_unet.py")
     return out
 
 
@@ -50,8 +73,17 @@ def reference_run(foundation, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def copy_of_reference(reference_run, tmp_path):
+    """A finished run to damage: its own copy."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    return run
+
+
 def test_foundation_retrains_bit_for_bit(foundation, tmp_path):
-    run_script("--train-foundation", "--foundation-steps", "3", "--threads", "1", "--out", tmp_path, cwd=tmp_path)
+    run_script("--steps", "3", "--threads", "1", "--out", tmp_path, cwd=tmp_path,
+               script=ROOT / "assets" / "train_digits_unet.py")
     for name in ("diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json"):
         assert (tmp_path / name).read_bytes() == (foundation / name).read_bytes(), name
 
@@ -71,26 +103,60 @@ def test_run_folder_holds_the_results(reference_run):
     assert [e["synthetic"] for e in metrics["epochs"]] == [0, budget - budget // 2, budget - budget // 2, budget]
     for e in metrics["epochs"]:
         assert 0 <= e["tail_acc"] <= 1 and 0 <= e["acc"] <= 1 and len(e["per_class_acc"]) == 10
-    rows = [json.loads(line) for line in (reference_run / "synthetic" / "manifest.jsonl").read_text().splitlines()]
+    rows = run_folder.read_metadata(reference_run / "synthetic" / "metadata.jsonl")
     assert len(rows) == budget
     for r in rows:
-        assert (reference_run / "synthetic" / r["file"]).is_file()
-        assert r["class"] == r["index"] % 10 and r["w"] == 0.07 and r["prompt"] is None
+        assert (reference_run / "synthetic" / r["file_name"]).is_file()
+        assert r["label"] == r["index"] % 10 and r["w"] == 0.07 and r["prompt"] is None
         assert r["seed"] == train_loop.derive_seed(0, r["round"], r["index"])
     mean = sum(r["signal"] for r in rows if r["round"] == 0) / metrics["rounds"][0]["images"]
     assert metrics["rounds"][0]["mean_signal"] == pytest.approx(mean)
-    for name in ("accuracy.png", "rounds/round0.png", "rounds/round1.png", "checkpoint.pt", "config.json"):
+    for name in ("accuracy.png", "rounds/round0.png", "rounds/round1.png", "checkpoint.pt", "pretrained.pt",
+                 "config.json", "synthetic/README.md"):
         assert (reference_run / name).is_file(), name
     state = torch.load(reference_run / "checkpoint.pt")
-    assert state["epoch"] == 3 and state["num_classes"] == 10
+    assert state["epoch"] == 3 and state["num_classes"] == 10 and state["config"]["guidance_weight"] == 0.07
     assert {"optimizer", "schedule", "head", "metrics"} <= state.keys()
-    assert not list(reference_run.rglob("*.tmp")), "a temp file was left behind"
+    assert not list(reference_run.rglob(".*.tmp")), "a temp file was left behind"
+    assert not (reference_run / "generation").exists(), "rank shards are merged and removed"
+
+
+def test_the_mined_images_load_as_a_dataset(reference_run):
+    """synthetic/ as it is: Hugging Face imagefolder with every metadata column, torchvision ImageFolder with
+    folder order = label, and a dataset card that counts them."""
+    datasets = pytest.importorskip("datasets")
+    folder = reference_run / "synthetic"
+    rows = {r["file_name"]: r for r in run_folder.read_metadata(folder / "metadata.jsonl")}
+    ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    assert len(ds) == len(rows)
+    columns = {"image", "label", "class_name", "prompt", "seed", "w", "signal", "total", "epistemic", "aleatoric",
+               "predicted_label", "round", "index", "guidance_ratio"}
+    assert columns <= set(ds.column_names), ds.column_names
+    by_index = {(r["round"], r["index"]): r for r in rows.values()}
+    for item in ds:
+        row = by_index[(item["round"], item["index"])]
+        assert item["image"].size == (8, 8) and item["image"].mode == "L"
+        for key in columns - {"image"}:
+            assert item[key] == pytest.approx(row[key]) if isinstance(row[key], float) else item[key] == row[key], key
+        assert item["total"] == pytest.approx(item["epistemic"] + item["aleatoric"], abs=1e-5)
+        assert item["signal"] == item["total"]                                  # --signal total
+        assert 0 <= item["predicted_label"] < 10 and item["class_name"] == str(item["label"])
+    tv = __import__("torchvision").datasets.ImageFolder(str(folder))
+    assert len(tv) == len(rows)
+    for path, label in tv.samples:
+        assert rows[str(Path(path).relative_to(folder))]["label"] == label
+    card = (folder / "README.md").read_text()
+    counts = np.bincount([r["label"] for r in rows.values()], minlength=10)
+    assert card.startswith("---\n") and "task_categories:" in card
+    for c in range(10):
+        assert f"| {c} | {c} | {counts[c]} |" in card
+    assert "python train_loop.py --pretrain-epochs 1" in card and '"guidance_weight": 0.07' in card
+    assert sum(int(line.split("|")[2]) for line in card.splitlines() if line.startswith("| ") and " – " in line) == len(rows)
 
 
 def kill_when(args, cwd, appears, min_count=1):
-    """Start the run, SIGKILL it as soon as `appears` (a glob under the run folder) matches min_count files."""
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), *map(str, args)], cwd=cwd, env=env,
+    """Start the run, SIGKILL it as soon as `appears` (a glob under cwd) matches min_count files."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), *map(str, args)], cwd=cwd, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while len(list(cwd.glob(appears))) < min_count:
@@ -102,16 +168,72 @@ def kill_when(args, cwd, appears, min_count=1):
     assert proc.returncode == -signal.SIGKILL
 
 
+def test_killed_runs_resume_to_the_same_metrics(foundation, reference_run, tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "--diffusion", foundation]
+    kill_when([*args, "--out", run], tmp_path, "run/synthetic/*/r00_*.png")            # mid round 0
+    kill_when(["--resume", run], tmp_path, "run/synthetic/metadata.jsonl")             # round 0 merged
+    kill_when(["--resume", run], tmp_path, "run/synthetic/*/r01_*.png", min_count=3)   # mid round 1
+    run_script("--resume", run, cwd=tmp_path)
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((reference_run / "metrics.json").read_text())
+    assert ((run / "synthetic" / "metadata.jsonl").read_text()
+            == (reference_run / "synthetic" / "metadata.jsonl").read_text())
+
+
+def test_resume_after_a_kill_between_epochs(foundation, reference_run, tmp_path):
+    run = tmp_path / "run"
+    kill_when([*TINY, "--diffusion", foundation, "--out", run], tmp_path, "run/checkpoint.pt")
+    run_script("--resume", run, cwd=tmp_path)
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((reference_run / "metrics.json").read_text())
+
+
+def test_a_kill_right_after_the_pretraining_checkpoint_still_gives_pretrained_pt(foundation, reference_run, tmp_path):
+    """The process dies (os._exit) as soon as the end-of-pretraining checkpoint.pt is on disk."""
+    run = tmp_path / "run"
+    wrapper = tmp_path / "die_after_checkpoint.py"
+    wrapper.write_text(textwrap.dedent("""
+        import os, sys
+        import run_folder, train_loop
+        write = run_folder.write_atomic
+        def write_then_die(path, data):
+            write(path, data)
+            if str(path).endswith("checkpoint.pt"):
+                os._exit(137)
+        train_loop.write_atomic = write_then_die
+        train_loop.main(sys.argv[1:])
+    """))
+    proc = run_script(*TINY, "--diffusion", foundation, "--out", run, cwd=tmp_path, check=False, script=wrapper)
+    assert proc.returncode == 137 and torch.load(run / "checkpoint.pt")["epoch"] == 0
+    run_script("--resume", run, cwd=tmp_path)
+    mine, reference = (torch.load(r / "pretrained.pt") for r in (run, reference_run))
+    assert mine["epoch"] == reference["epoch"] == 0 and mine["metrics"] == reference["metrics"]
+    assert all(torch.equal(mine["head"][k], reference["head"][k]) for k in reference["head"])
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((reference_run / "metrics.json").read_text())
+
+
+def test_init_from_a_pretrained_run_ends_as_an_independent_run(foundation, reference_run, tmp_path):
+    """--init-from RUN/pretrained.pt: pretraining flags and history come from that run; the rest is this run's."""
+    run = tmp_path / "run"
+    flags = [*TINY, "--diffusion", foundation, "--out", run]
+    one_line_error(run_script(*flags, "--init-from", reference_run / "pretrained.pt", "--seed", "3", cwd=tmp_path,
+                              check=False), "--seed 3: --init-from", "has --seed 0")
+    assert not run.exists()
+    run_script(*flags, "--init-from", reference_run / "pretrained.pt", cwd=tmp_path)
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((reference_run / "metrics.json").read_text())
+    one_line_error(run_script(*flags[:-2], "--out", tmp_path / "other", "--init-from", reference_run / "checkpoint.pt",
+                              cwd=tmp_path, check=False), "not at the end of pretraining")
+
+
 def test_compare_runs_the_arms_and_reports_paired_differences(foundation, reference_run, tmp_path):
     out = tmp_path / "cmp"
-    args = [*TINY, "--diffusion", foundation, "--compare", "--seeds", "2", "--sweep", "0,0.5", "--budgets", "0.05",
-            "--out", out]
-    run_script(*args, cwd=tmp_path)
+    args = ["--seeds", "2", "--sweep", "0,0.5", "--budgets", "0.05", "--out", out, "--", *TINY, "--diffusion", foundation]
+    run_script(*args, cwd=tmp_path, script=ROOT / "bench" / "compare.py")
     report = json.loads((out / "comparison.json").read_text())
     assert list(report["arms"]) == ["real", "unguided", "ltg", "w0.5", "unguided-x0.05", "ltg-x0.05"]
-    # an arm started from a sibling's pretrained predictor ends exactly as an independent run
+    # an arm started from a sibling's pretrained predictor (--init-from) ends exactly as an independent run
     assert (json.loads((out / "ltg" / "seed0" / "metrics.json").read_text())
             == json.loads((reference_run / "metrics.json").read_text()))
+    assert json.loads((out / "ltg" / "seed0" / "config.json").read_text())["init_from"].endswith("real/seed0/pretrained.pt")
     for name, arm in report["arms"].items():
         assert arm["acc"]["n"] == 2 and len(arm["per_seed"]) == 2
         assert (arm["signal"] is None) == (name == "real")
@@ -126,27 +248,20 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
         assert (out / name).is_file(), name
     assert "| ltg | 0.07 | x0.1 |" in (out / "comparison.md").read_text()
     before = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
-    run_script(*args, cwd=tmp_path)  # everything is done: nothing is trained again
+    run_script(*args, cwd=tmp_path, script=ROOT / "bench" / "compare.py")  # everything is done: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")} == before
 
 
-def test_killed_runs_resume_to_the_same_metrics(foundation, reference_run, tmp_path):
-    run = tmp_path / "run"
-    args = [*TINY, "--diffusion", foundation]
-    kill_when([*args, "--out", run], tmp_path, "run/synthetic/r00_*.png")             # mid round 0
-    kill_when(["--resume", run], tmp_path, "run/synthetic/manifest.jsonl")             # round 0 merged
-    kill_when(["--resume", run], tmp_path, "run/synthetic/r01_*.png", min_count=3)     # mid round 1
-    run_script("--resume", run, cwd=tmp_path)
-    assert json.loads((run / "metrics.json").read_text()) == json.loads((reference_run / "metrics.json").read_text())
-    assert ((run / "synthetic" / "manifest.jsonl").read_text()
-            == (reference_run / "synthetic" / "manifest.jsonl").read_text())
-
-
-def test_resume_after_a_kill_between_epochs(foundation, reference_run, tmp_path):
-    run = tmp_path / "run"
-    kill_when([*TINY, "--diffusion", foundation, "--out", run], tmp_path, "run/checkpoint.pt")
-    run_script("--resume", run, cwd=tmp_path)
-    assert json.loads((run / "metrics.json").read_text()) == json.loads((reference_run / "metrics.json").read_text())
+@pytest.mark.parametrize("flags, message", [
+    (["--sweep", "0,-1"], "--sweep '0,-1': expected comma-separated numbers >= 0"),
+    (["--seeds", "0"], "--seeds 0: must be >= 1"),
+    (["--", "--seed", "3"], "--seed is set per arm by compare.py"),
+    (["--", "--guidance-weight", "-1"], "--guidance-weight -1.0: must be finite and >= 0"),
+])
+def test_compare_refuses_bad_flags_in_one_line(flags, message, tmp_path):
+    proc = run_script("--out", tmp_path / "cmp", *flags, cwd=tmp_path, check=False, script=ROOT / "bench" / "compare.py")
+    one_line_error(proc, message)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_two_gloo_processes_share_generation(foundation, tmp_path):
@@ -154,15 +269,109 @@ def test_two_gloo_processes_share_generation(foundation, tmp_path):
     run_script(*TINY, "--diffusion", foundation, "--out", run, cwd=tmp_path,
                launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     metrics = json.loads((run / "metrics.json").read_text())
-    rows = [json.loads(line) for line in (run / "synthetic" / "manifest.jsonl").read_text().splitlines()]
+    rows = run_folder.read_metadata(run / "synthetic" / "metadata.jsonl")
     for r in metrics["rounds"]:
         indices = [x["index"] for x in rows if x["round"] == r["round"]]
         assert sorted(indices) == list(range(r["images"])), "missing or duplicate images"
     assert sum(r["images"] for r in metrics["rounds"]) == metrics["synthetic_budget"] == len(rows)
-    assert len({x["file"] for x in rows}) == len(rows)
-    assert len(list((run / "synthetic").glob("*.png"))) == len(rows)
-    assert not list((run / "synthetic").glob("manifest.rank*.jsonl"))
+    assert len(list((run / "synthetic").glob("*/*.png"))) == len(rows)
+    assert not (run / "generation").exists()
     assert len(metrics["epochs"]) == 4
+
+
+# --- a damaged or busy run folder: one line, exit 2, nothing changed ---
+
+def drop_lines(path, keep):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[i] for i in keep(len(lines))))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: drop_lines(run / "synthetic" / "metadata.jsonl", lambda n: range(n - 3)),
+     "round 1 made"),                                                                     # whole lines lost
+    (lambda run: (run / "synthetic" / "metadata.jsonl").write_text(
+        (run / "synthetic" / "metadata.jsonl").read_text()[:-40]), "metadata.jsonl:"),   # cut mid-line
+    (lambda run: next((run / "synthetic").glob("*/r01_*.png")).unlink(), "which is missing from"),
+    (lambda run: (run / "checkpoint.pt").write_bytes(b""), "checkpoint.pt is damaged"),
+    (lambda run: (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:5000]),
+     "checkpoint.pt is damaged"),
+    (lambda run: (run / "config.json").write_text((run / "config.json").read_text()[:100]), "config.json is damaged"),
+])
+def test_a_damaged_run_fails_to_resume_in_one_line(copy_of_reference, tmp_path, damage, message):
+    damage(copy_of_reference)
+    before = snapshot(copy_of_reference)
+    one_line_error(run_script("--resume", copy_of_reference, cwd=tmp_path, check=False), message)
+    assert snapshot(copy_of_reference) == before
+
+
+def test_resume_clears_temporary_files_and_allows_speed_flags(copy_of_reference, tmp_path):
+    leftovers = [copy_of_reference / ".checkpoint.pt.4242.tmp", copy_of_reference / "synthetic" / "000-0" / ".x.png.7.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    metrics = (copy_of_reference / "metrics.json").read_text()
+    run_script("--resume", copy_of_reference, "--threads", "2", "--workers", "0", cwd=tmp_path)
+    assert not any(p.exists() for p in leftovers)
+    assert (copy_of_reference / "metrics.json").read_text() == metrics
+
+
+def test_resume_refuses_flags_that_change_the_run(copy_of_reference, tmp_path):
+    config = (copy_of_reference / "config.json").read_text()
+    err = one_line_error(run_script("--resume", copy_of_reference, "--guidance-weight", "0.5", cwd=tmp_path, check=False),
+                         "--guidance-weight 0.5", "has --guidance-weight 0.07")
+    assert "drop --guidance-weight" in err
+    assert (copy_of_reference / "config.json").read_text() == config
+
+
+def test_a_second_process_on_a_run_stops_naming_the_holder(copy_of_reference, tmp_path):
+    holder = run_folder.take_lock(run_folder.RunFolder(copy_of_reference))
+    try:
+        one_line_error(run_script("--resume", copy_of_reference, cwd=tmp_path, check=False),
+                       "is in use by pid", f"pid {os.getpid()}")
+    finally:
+        holder.close()
+
+
+def test_the_default_command_after_a_kill_points_to_resume(foundation, tmp_path):
+    kill_when([*TINY, "--diffusion", foundation, "--epochs", "2", "--gen-epochs", "0"], tmp_path,
+              "runs/*/checkpoint.pt")
+    proc = run_script(*TINY, "--diffusion", foundation, "--epochs", "2", "--gen-epochs", "0", cwd=tmp_path, check=False)
+    one_line_error(proc, "holds an unfinished run", "--resume runs/digits-w0.07-x0.1-seed0")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["digits-w0.07-x0.1-seed0"]
+
+
+def test_ctrl_c_prints_one_line(foundation, tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), *TINY, "--diffusion", foundation,
+                             "--out", tmp_path / "run"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "config.json").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"train_loop.py: interrupted; continue with --resume {tmp_path / 'run'}", err
+    assert "Traceback" not in err
+
+
+def test_a_full_disk_is_one_line(monkeypatch):
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(run_folder.RunFolderError, match="cannot write .*metrics.json: No space left on device"):
+        run_folder.write_json(Path("/tmp") / "ltg-full" / "metrics.json", {})
+    assert not list((Path("/tmp") / "ltg-full").glob(".*.tmp"))
+
+
+def test_files_are_written_whole_with_the_umasks_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_folder.write_json(tmp_path / "new" / "metrics.json", {"acc": 0.5})
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "new" / "metrics.json").read_text()) == {"acc": 0.5}
+    assert (tmp_path / "new" / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["metrics.json"]
 
 
 # --- flags: bad values give one line naming the value and what is accepted, exit 2, nothing written ---
@@ -176,92 +385,93 @@ def test_two_gloo_processes_share_generation(foundation, tmp_path):
     (["--epochs", "4", "--gen-epochs", "0,4"], "epochs must lie in 0..3"),
     (["--synthetic", "-2"], "--synthetic -2.0: must be >= 0"),
     (["--arch", "resnet51"], "--arch resnet51: unknown; use 'cnn' or a torchvision classifier"),
-    (["--dataset", "flowers", "--data-root", "{tmp}/empty"], "pass --download to fetch it"),
+    (["--dataset", "flowers", "--data-root", "{tmp}/empty", "--no-download"],
+     ["empty/flowers-102 (--no-download)", "drop --no-download", "https://www.robots.ox.ac.uk/"]),
     (["--dataset", "imagenet-lt", "--data-root", "{tmp}/empty"], "ImageNet_LT_train.txt"),
     (["--refined-prompts", "p.json"], "need a text-conditioned --diffusion"),
     (["--dataset", "flowers", "--introspect-after", "0", "--vlm-url", "http://x"], "exactly one of --llm"),
     (["--dataset", "flowers", "--introspect-after", "19", "--vlm", "v", "--llm", "l"], "must be a round with a later"),
     (["--dataset", "flowers", "--introspect-after", "0", "--refined-prompts", "p.json"], "are exclusive"),
-    (["--sweep", "0,0.1"], "are arms of --compare"),
     (["--guide-every", "0"], "--guide-every 0: must be >= 1"),
     (["--guidance-decoder", "taesd"], "--guidance-decoder is for Stable Diffusion"),
-    (["--compare", "--sweep", "0,-1"], "--sweep '0,-1': expected comma-separated numbers >= 0"),
-    (["--compare", "--seeds", "0"], "--seeds 0: must be >= 1"),
+    (["--diffusion", "{tmp}/empty"], ["--diffusion", "cannot load it", "assets/train_digits_unet.py"]),
+    (["--diffusion", "nobody/no-such-model"], ["--diffusion nobody/no-such-model: not a local folder",
+                                               "https://huggingface.co/nobody/no-such-model",
+                                               "pass --diffusion /path/to/a/local/copy"]),
+    (["--init-from", "{tmp}/empty/pretrained.pt"], "--init-from {tmp}/empty/pretrained.pt: no such file"),
+    (["--resume", "{tmp}/empty"], "no run there"),
 ])
 def test_bad_flags_fail_in_one_line_and_write_nothing(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_:
         train_loop.main([f.format(tmp=tmp_path) for f in flags] + ["--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert all(m in err for m in ([message] if isinstance(message, str) else message)), err
-    assert err.count("\n") == 1, err
+    messages = [message] if isinstance(message, str) else message
+    assert all(m.format(tmp=tmp_path) in err for m in messages), err
+    assert err.strip().count("\n") == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"], "something was written"
 
 
-def test_missing_flowers_names_the_path(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train_loop.main(["--dataset", "flowers", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
-    assert str(tmp_path.resolve()) in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_resume_refuses_a_checkpoint_with_another_class_count(tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"dataset": "digits", "synthetic": 0.0}))
-    torch.save({"num_classes": 5, "epoch": 0}, run / "checkpoint.pt")
-    before = {p: p.read_bytes() for p in run.iterdir()}
+def test_out_must_be_a_folder_that_can_be_written(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_:
-        train_loop.main(["--resume", str(run)])
-    assert exit_.value.code == 2
-    assert "checkpoint has 5 classes but --dataset digits has 10" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in run.iterdir()} == before
+        train_loop.main(["--out", str(tmp_path / "file")])
+    assert exit_.value.code == 2 and "is a file; name a folder" in capsys.readouterr().err
+    with pytest.raises(run_folder.RunFolderError, match="cannot create the run folder .*file/run"):
+        run_folder.take_lock(run_folder.RunFolder(tmp_path / "file" / "run"))
+
+
+def test_resume_refuses_a_checkpoint_with_another_class_count(copy_of_reference, tmp_path):
+    state = torch.load(copy_of_reference / "checkpoint.pt")
+    torch.save(state | {"num_classes": 5}, copy_of_reference / "checkpoint.pt")
+    one_line_error(run_script("--resume", copy_of_reference, cwd=tmp_path, check=False),
+                   "has 5 classes but --dataset digits has 10")
 
 
 def test_default_schedule_and_budget_shares():
-    _, args = train_loop.parse_args([])
-    assert args.dataset == "digits" and args.rounds == list(range(0, args.epochs, 5))
-    _, args = train_loop.parse_args(["--dataset", "pets", "--epochs", "100"])
+    args = train_loop.parse_args(["--out", "x"])
+    assert args.dataset == "digits" and args.rounds == list(range(0, args.epochs, 5)) and args.download
+    args = train_loop.parse_args(["--dataset", "pets", "--epochs", "100", "--out", "x"])
     assert args.synthetic == 30 and args.rounds == list(range(0, 100, 5)) and args.arch == "resnet50"
-    _, args = train_loop.parse_args(["--synthetic", "0"])
-    assert args.rounds == []
+    assert train_loop.parse_args(["--synthetic", "0", "--out", "x"]).rounds == []
     assert train_loop.round_sizes(10, 3) == [4, 3, 3]
     assert len({train_loop.derive_seed(0, r, i) for r in range(3) for i in range(1000)}) == 3000
     assert train_loop.derive_seed(1, 2, 3) == train_loop.derive_seed(1, 2, 3) != train_loop.derive_seed(2, 2, 3)
 
 
-def test_stable_diffusion_round_prompts_each_class(tiny_sd_path, tmp_path):
-    """A paper-dataset round on the tiny SD-shaped pipeline: prompts from the class names, RGB PNGs, the
-    predictor (a torchvision classifier by name) seeing 224 px inputs."""
-    _, args = train_loop.parse_args(["--dataset", "flowers", "--arch", "resnet18", "--head-samples", "4",
-                                     "--steps", "2", "--gen-batch", "2", "--diffusion", str(tiny_sd_path)])
-    classes = ["pink primrose", "sweet pea", "tiger lily"]
-    train_tf, _ = train_loop.paper_transforms()
-    task = train_loop.Task(classes, None, None, {}, [0, 1, 2], train_tf, "RGB", train_loop.PROMPTS["flowers"])
-    torch.manual_seed(0)
-    head = train_loop.build_head(args, len(classes), 3)
-    diffusion = train_loop.load_diffusion(args, torch.device("cpu"))
-    rows = train_loop.generate_round(args, task, diffusion, head, tmp_path, 0, 5, rank=0, world=1)
-    assert [(r["index"], r["class"], r["prompt"]) for r in rows] == [
-        (i, i % 3, f"a photo of a {classes[i % 3]}, a type of flower.") for i in range(5)]
-    with Image.open(tmp_path / "synthetic" / rows[0]["file"]) as im:
-        assert im.mode == "RGB" and im.size == (64, 64)
-    train_loop.plot_round(tmp_path, rows, task)
-    assert (tmp_path / "rounds" / "round0.png").is_file()
+# --- the paper's datasets, offline: Stable Diffusion rounds, the download and the hub faked at their boundary ---
+
+FLOWERS = ["pink primrose", "sweet pea", "tiger lily"]
 
 
 def sd_round_setup(tiny_sd_path, *flags):
     """A flowers-like task with three classes, the tiny SD-shaped pipeline and a resnet18 head."""
-    _, args = train_loop.parse_args(["--dataset", "flowers", "--arch", "resnet18", "--head-samples", "4", "--steps",
-                                     "2", "--gen-batch", "2", "--diffusion", str(tiny_sd_path), *map(str, flags)])
-    classes = ["pink primrose", "sweet pea", "tiger lily"]
-    train_tf, _ = train_loop.paper_transforms()
-    task = train_loop.Task(classes, None, None, {}, [0, 1, 2], train_tf, "RGB", train_loop.PROMPTS["flowers"])
+    args = train_loop.parse_args(["--dataset", "flowers", "--arch", "resnet18", "--head-samples", "4", "--steps", "2",
+                                  "--gen-batch", "2", "--diffusion", str(tiny_sd_path), "--out", "x", *map(str, flags)])
+    train_tf, _ = tasks.paper_transforms()
+    task = tasks.Task(FLOWERS, None, None, {}, [0, 1, 2], train_tf, "RGB", tasks.PROMPTS["flowers"])
     torch.manual_seed(0)
-    head = train_loop.build_head(args, len(classes), 3)
-    return args, task, head, train_loop.load_diffusion(args, torch.device("cpu"))
+    head = tasks.build_head(args, len(FLOWERS), 3)
+    return args, task, head, tasks.load_diffusion(args, torch.device("cpu"))
+
+
+def test_stable_diffusion_round_prompts_each_class(tiny_sd_path, tmp_path):
+    """A paper-dataset round on the tiny SD-shaped pipeline: prompts from the class names, RGB PNGs in class
+    folders, the predictor (a torchvision classifier by name) seeing 224 px inputs."""
+    args, task, head, diffusion = sd_round_setup(tiny_sd_path)
+    folder = run_folder.RunFolder(tmp_path)
+    rows = train_loop.generate_round(args, task, diffusion, head, folder, 0, 5)
+    assert [(r["index"], r["label"], r["prompt"]) for r in rows] == [
+        (i, i % 3, f"a photo of a {FLOWERS[i % 3]}, a type of flower.") for i in range(5)]
+    assert rows[2]["file_name"] == "002-tiger_lily/r00_000002.png"
+    with Image.open(tmp_path / "synthetic" / rows[0]["file_name"]) as im:
+        assert im.mode == "RGB" and im.size == (64, 64)
+    run_folder.plot_round(folder, rows, task)
+    assert (tmp_path / "rounds" / "round0.png").is_file()
 
 
 def test_guidance_decoder_and_every_kth_step_reach_the_sampler(tiny_sd_path, tmp_path):
@@ -276,7 +486,7 @@ def test_guidance_decoder_and_every_kth_step_reach_the_sampler(tiny_sd_path, tmp
     seen = []
     original = diffusion[2].decode
     diffusion[2].decode = lambda z, *a, **k: seen.append(z.shape) or original(z, *a, **k)
-    rows = train_loop.generate_round(args, task, diffusion, head, tmp_path, 0, 2, rank=0, world=1)
+    rows = train_loop.generate_round(args, task, diffusion, head, run_folder.RunFolder(tmp_path), 0, 2)
     assert len(seen) == 2, "the tiny decoder decodes once per guided step: steps 0 and 2 of 4"
     assert all(r["guidance_ratio"] > 0 for r in rows)
 
@@ -285,7 +495,7 @@ def test_refined_prompts_file_replaces_the_template_for_its_classes(tiny_sd_path
     refined = ["A photo of sweet pea that is blue.", "A photo of sweet pea at night."]
     (tmp_path / "prompts.json").write_text(json.dumps({"sweet pea": refined}))
     args, task, head, diffusion = sd_round_setup(tiny_sd_path, "--refined-prompts", tmp_path / "prompts.json")
-    rows = train_loop.generate_round(args, task, diffusion, head, tmp_path, 0, 6, rank=0, world=1)
+    rows = train_loop.generate_round(args, task, diffusion, head, run_folder.RunFolder(tmp_path), 0, 6)
     template = "a photo of a {}, a type of flower."
     assert [r["prompt"] for r in rows] == [template.format("pink primrose"), refined[0], template.format("tiger lily"),
                                            template.format("pink primrose"), refined[1], template.format("tiger lily")]
@@ -295,23 +505,107 @@ def test_introspection_after_a_round_refines_the_next_rounds_prompts(tiny_sd_pat
     args, task, head, diffusion = sd_round_setup(tiny_sd_path, "--epochs", "2", "--gen-epochs", "0,1",
                                                  "--introspect-after", "0", "--vlm-url", server.url,
                                                  "--llm-url", server.url)
-    first = train_loop.generate_round(args, task, diffusion, head, tmp_path, 0, 3, rank=0, world=1)
-    train_loop.introspect_round(args, task, tmp_path)
-    second = train_loop.generate_round(args, task, diffusion, head, tmp_path, 1, 3, rank=0, world=1)
+    folder = run_folder.RunFolder(tmp_path)
+    first = train_loop.generate_round(args, task, diffusion, head, folder, 0, 3)
+    introspect.introspect_run(tmp_path, vlm_url=server.url, llm_url=server.url, class_names=task.classes)
+    second = train_loop.generate_round(args, task, diffusion, head, folder, 1, 3)
     assert all(r["prompt"].endswith("a type of flower.") for r in first)
     for r in second:
         assert r["prompt"].startswith(f"A photo of {r['class_name']} that"), r["prompt"]
-    folder = train_loop.introspection_dir(tmp_path)
-    assert (folder / "report.md").is_file() and (folder / "contact_sheet.png").is_file()
-    assert len(introspect.read_log(folder / "descriptions.jsonl")) == 3
+    assert (folder.introspection / "report.md").is_file() and (folder.introspection / "contact_sheet.png").is_file()
+    assert len(introspect.read_log(folder.introspection / "descriptions.jsonl")) == 3
+    assert not list(folder.synthetic.glob("introspection")), "synthetic/ stays a dataset"
 
 
-def test_files_are_written_whole_with_the_umasks_mode(tmp_path):
-    old = os.umask(0o022)
-    try:
-        train_loop.write_json(tmp_path / "new" / "metrics.json", {"acc": 0.5})
-    finally:
-        os.umask(old)
-    assert json.loads((tmp_path / "new" / "metrics.json").read_text()) == {"acc": 0.5}
-    assert (tmp_path / "new" / "metrics.json").stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in (tmp_path / "new").iterdir()] == ["metrics.json"]
+def fake_flowers_download(monkeypatch, urls, images=12, size=40):
+    """torchvision's Flowers102 download, faked at its boundary: the archive's images and the two .mat files
+    appear where torchvision extracts them (classes 1-3, train ids 1-6, test ids 7-12) and pass its integrity
+    check as the real files would; the URLs asked for are recorded."""
+    import scipy.io
+    import torchvision.datasets.flowers102 as flowers102
+
+    def archive(url, download_root, md5=None, **kwargs):
+        urls.append(url)
+        jpg = Path(download_root) / "jpg"
+        jpg.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(1, images + 1):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(jpg / f"image_{i:05d}.jpg")
+
+    def url_file(url, root, filename=None, md5=None, **kwargs):
+        urls.append(url)
+        name = os.path.basename(url)
+        data = ({"labels": np.array([1 + i % 3 for i in range(images)])} if name == "imagelabels.mat" else
+                {"trnid": np.arange(1, 7), "valid": np.arange(1, 7), "tstid": np.arange(7, images + 1)})
+        scipy.io.savemat(Path(root) / name, data)
+
+    monkeypatch.setattr(flowers102, "download_and_extract_archive", archive)
+    monkeypatch.setattr(flowers102, "download_url", url_file)
+    monkeypatch.setattr(flowers102, "check_integrity", lambda path, md5=None: os.path.isfile(path))  # not the real md5s
+
+
+@pytest.fixture
+def offline_hub(tiny_sd_path, tmp_path, monkeypatch):
+    """A Hugging Face cache holding the tiny pipeline as CompVis/stable-diffusion-v1-4, and no network."""
+    cache = install_in_hub_cache(tiny_sd_path, tmp_path / "hub", "CompVis/stable-diffusion-v1-4")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def torch_settings():
+    """train_loop.main run in-process changes torch's thread count and determinism: restore them."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+PAPER_TINY = ["--dataset", "flowers", "--arch", "resnet18", "--head-samples", "2", "--pretrain-epochs", "1",
+              "--epochs", "1", "--synthetic", "0.5", "--steps", "2", "--gen-batch", "3", "--workers", "0",
+              "--threads", "1"]
+
+
+def test_flowers_as_typed_downloads_loads_the_hub_default_and_stops_without_a_gpu(
+        offline_hub, monkeypatch, tmp_path, capsys, torch_settings):
+    """`python train_loop.py --dataset flowers` on a machine without a GPU: the data is downloaded (from
+    torchvision's URLs), the generator comes from its default hub id, the plan and its estimate are printed,
+    and the run stops there (exit 2) without writing a run folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    urls = []
+    fake_flowers_download(monkeypatch, urls)
+    with pytest.raises(SystemExit) as exit_:
+        train_loop.main(PAPER_TINY)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "no GPU here: this run would take about" in err and "pass --device cpu" in err
+    assert urls[0] == tasks.DOWNLOADS["flowers"][0] and len(urls) == 3
+    assert "plan: flowers, 102 classes, 6 real training images" in err and "generation rounds at fine-tuning epochs [0]" in err
+    assert "CompVis/stable-diffusion-v1-4" in err and "estimate on cpu x 1:" in err
+    assert not (tmp_path / "runs").exists()
+    # with --device cpu the same command runs the cycle: data already there, no second download
+    train_loop.main([*PAPER_TINY, "--device", "cpu"])
+    run = tmp_path / "runs" / "flowers-w0.1-x0.5-seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2 and metrics["rounds"][0]["images"] == 3 and len(urls) == 3
+    rows = run_folder.read_metadata(run / "synthetic" / "metadata.jsonl")
+    assert metrics["classes"][0] == "pink primrose" and len(metrics["classes"]) == 102
+    assert [r["prompt"] for r in rows] == [f"a photo of a {c}, a type of flower." for c in metrics["classes"][:3]]
+
+
+def test_an_offline_download_is_one_line_and_leaves_no_folder(monkeypatch, tmp_path, capsys):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(SystemExit) as exit_:
+        train_loop.main(["--dataset", "flowers", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    message = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2
+    for part in ("could not download Flowers102 from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz",
+                 str(tmp_path / "data" / "flowers-102"), "Temporary failure in name resolution", "--no-download",
+                 "--data-root"):
+        assert part in message, message
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == [], "the failed download left something behind"

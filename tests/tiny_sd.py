@@ -11,6 +11,8 @@ latents [B, 4, 8, 8] -> VAE decode -> images [B, 3, 64, 64].
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -141,3 +143,13 @@ def _build(path, sizes):
     )
     pipe.save_pretrained(path)
     return path
+
+
+def install_in_hub_cache(path, cache, repo_id, commit="0" * 40):
+    """Lay a saved pipeline out in a Hugging Face hub cache as the snapshot of `repo_id`, so that
+    `from_pretrained(repo_id)` finds it offline exactly as it finds a downloaded model."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return Path(cache)

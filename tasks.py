@@ -1,0 +1,338 @@
+"""What train_loop.py's cycle works on: real (image, label) data with the paper's augmentation, the
+predictor with its Epistemic Head, the generator, the test metrics, and one optimisation step. The
+embedded default is scikit-learn's 8x8 digits made long-tailed, with a tiny class-conditional diffusion
+model; the paper's datasets come through torchvision (downloaded when missing) or, for ImageNet-LT,
+from its list files, with Stable Diffusion.
+"""
+
+import shutil
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from diffusers import AutoencoderTiny, DDIMScheduler, UNet2DModel
+from huggingface_hub import constants as hub
+from torchvision import datasets, models
+from torchvision.transforms import v2
+
+import ltg
+
+DATASETS = ("digits", "flowers", "pets", "cars", "caltech101", "imagenet-lt")
+TORCHVISION = {"flowers": datasets.Flowers102, "pets": datasets.OxfordIIITPet, "cars": datasets.StanfordCars,
+               "caltech101": datasets.Caltech101}
+# Where torchvision (0.29) fetches each dataset from: the first file it asks for, and the folder it makes.
+DOWNLOADS = {"flowers": ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz", "flowers-102"),
+             "pets": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz", "oxford-iiit-pet"),
+             "caltech101": ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip", "caltech101")}
+PROMPTS = {"flowers": "a photo of a {}, a type of flower.", "pets": "a photo of a {}, a type of pet.",
+           "cars": "a photo of a {}, a type of car.", "caltech101": "a photo of a {}.",
+           "imagenet-lt": "a photo of a {}."}
+
+IMAGENET_INPUT = ltg.predictor_preprocess(224)  # a decoded RGB image's way into a torchvision classifier
+
+# The embedded default: a fixed stratified split of the 1,797 digits, a long-tailed train subset, and the
+# digits foundation model (assets/train_digits_unet.py trains it).
+DIGITS_TEST_FRACTION, DIGITS_IMBALANCE = 0.4, 30.0
+DIGITS_UNET = Path(__file__).resolve().parent / "assets" / "digits-unet"
+
+
+class Unavailable(Exception):
+    """A dataset or model that is neither on disk nor fetchable: the message names the path, the URL and the flag."""
+
+
+@dataclass
+class Task:
+    classes: list            # class names, index = label
+    train: Dataset           # real training images with augmentation
+    test: Dataset
+    evals: dict              # evaluation-only sets, name -> Dataset
+    train_labels: list       # label of each real training image (class counts, tail classes)
+    train_tf: v2.Compose     # the augmentation, also applied to synthetic images
+    mode: str                # PIL mode of the images: "L" (digits) or "RGB"
+    prompt: str | None       # per-class prompt template; None for the class-conditional digits model
+
+    def preprocess(self, x):
+        """Images [B, C, H, W] in [0, 1] -> the predictor's input, differentiably (for guidance)."""
+        return (x - 0.5) / 0.5 if self.mode == "L" else IMAGENET_INPUT(x)
+
+
+class Images(Dataset):
+    """(image, label) pairs from in-memory tensors [C, H, W] in [0, 1] or image files."""
+
+    def __init__(self, images, labels, transform, mode="RGB"):
+        self.images, self.labels, self.transform, self.mode = images, labels, transform, mode
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if not isinstance(image, torch.Tensor):
+            with Image.open(image) as pil:
+                image = pil.convert(self.mode)
+        return self.transform(image), self.labels[i]
+
+
+class ImageNetFolder(datasets.ImageFolder):
+    """An evaluation-only ImageNet variant: class folders named by index (ImageNet-V2) or WordNet id (ImageNet-A)."""
+
+    def __init__(self, root, wnid_to_label, transform):
+        self.wnid_to_label = wnid_to_label
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):
+        names = sorted(e.name for e in Path(directory).iterdir() if e.is_dir())
+        return names, {n: int(n) if n.isdigit() else self.wnid_to_label[n] for n in names}
+
+
+@torch.no_grad()
+def evaluate(predictor, dataset, num_classes, device, workers=0):
+    """Per-class (correct, count) of the predictor's top-1 on a dataset: two int arrays [C]."""
+    predictor.eval()
+    correct, count = np.zeros(num_classes, int), np.zeros(num_classes, int)
+    for x, y in DataLoader(dataset, batch_size=256, num_workers=workers):
+        hit = (predictor(x.to(device)).argmax(1).cpu() == y).numpy()
+        np.add.at(correct, y.numpy(), hit)
+        np.add.at(count, y.numpy(), 1)
+    return correct, count
+
+
+def evaluation_metrics(predictor, task, tail, device, workers):
+    """Top-1 on the test set (overall, tail classes, per class) and on each evaluation-only set."""
+    correct, count = evaluate(predictor, task.test, len(task.classes), device, workers)
+    metrics = dict(acc=correct.sum() / count.sum(), tail_acc=correct[tail].sum() / max(1, count[tail].sum()),
+                   per_class_acc=(correct / np.maximum(count, 1)).round(6).tolist())
+    for name, dataset in task.evals.items():
+        c, n = evaluate(predictor, dataset, len(task.classes), device, workers)
+        metrics[f"{name}_acc"] = c.sum() / max(1, n.sum())
+    return {k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()}
+
+
+def load_task(args):
+    if args.dataset == "digits":
+        return digits_task()
+    if args.dataset == "imagenet-lt":
+        return imagenet_lt_task(args.data_root, args.eval_set)
+    return torchvision_task(args.dataset, args.data_root, args.download)
+
+
+def tail_classes(labels, num_classes):
+    """The rarest third of the classes in the (long-tailed) training set."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return sorted(np.argsort(counts, kind="stable")[:max(1, round(num_classes / 3))].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+IMAGENET_INPUT = ltg.predictor_preprocess(224)  # a decoded RGB image's way into a torchvision classifier
+
+# The embedded default: 8x8 digits.
+# ---------------------------------------------------------------------------------------------
+
+def digits_split(seed=0):
+    """scikit-learn's 1,797 8x8 digits as (x [N, 1, 8, 8] in [0, 1], y [N]), split into a fixed stratified
+    train and test set."""
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16
+    y = torch.tensor(digits.target)
+    train, test = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
+                                   random_state=seed)
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def long_tailed(y, imbalance):
+    """Indices of a long-tailed subset: class c keeps n_max * imbalance^(-c / (C - 1)) of its images
+    (an exponential profile from class 0, the most common, to class C - 1, the rarest)."""
+    classes = int(y.max()) + 1
+    n_max = int(torch.bincount(y).min())
+    keep = [torch.nonzero(y == c).flatten()[:round(n_max * imbalance ** (-c / (classes - 1)))] for c in range(classes)]
+    return torch.cat(keep).sort().values
+
+
+def digits_transforms():
+    """A scaled-down version of the paper's augmentation: rotation 15, crops with 1 px padding, no flips."""
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    normalize = v2.Normalize([0.5], [0.5])
+    return (v2.Compose(to_float + [v2.RandomRotation(15), v2.RandomCrop(8, padding=1), normalize]),
+            v2.Compose(to_float + [normalize]))
+
+
+def digits_task():
+    (x, y), (x_test, y_test) = digits_split()
+    subset = long_tailed(y, DIGITS_IMBALANCE)
+    train_tf, test_tf = digits_transforms()
+    labels = y[subset].tolist()
+    return Task([str(c) for c in range(10)], Images(x[subset], labels, train_tf), Images(x_test, y_test.tolist(), test_tf),
+                {}, labels, train_tf, "L", None)
+
+
+def small_cnn(num_classes, channels=1):
+    """The digits predictor: 8x8 input, 64 penultimate features."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),  # [B, 32 * 4 * 4]
+        nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, num_classes))                  # h [B, 64] -> [B, C]
+
+
+def build_predictor(arch, num_classes, channels):
+    """'cnn' (the digits predictor) or a torchvision classifier by name, from scratch."""
+    if arch == "cnn":
+        return small_cnn(num_classes, channels)
+    return models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def build_head(args, num_classes, channels):
+    """The predictor (--arch), from scratch, wrapped by the Epistemic Head (K logits per input)."""
+    return ltg.EpistemicHead(build_predictor(args.arch, num_classes, channels), args.head_samples, args.head,
+                             seed=args.seed)
+
+
+class Learner(nn.Module):
+    """Predictor and head as one module, so DistributedDataParallel sees a single forward.
+    The head's loss reaches the head only (stop-gradient features), the CE loss the predictor."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x, y):                                                # x [B, C, H, W], y [B]
+        h, mu = self.head.features_and_logits(x)                            # [B, F], [B, classes]
+        return F.cross_entropy(mu, y) + self.head.loss(h, mu, y)
+
+
+def fit_step(optimizer, loss):
+    """One gradient step on `loss`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# The generators: the digits foundation model, or a Stable Diffusion pipeline.
+# ---------------------------------------------------------------------------------------------
+
+def load_from(flag, path_or_id, load, hint=""):
+    """load(path_or_id); a folder or hub id that cannot be loaded is one line naming it, the URL tried and the flag."""
+    try:
+        return load(path_or_id)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(path_or_id).exists():
+            raise Unavailable(f"{flag} {path_or_id}: cannot load it ({reason}){hint}") from None
+        raise Unavailable(f"{flag} {path_or_id}: not a local folder, not in the Hugging Face cache ({hub.HF_HUB_CACHE}), "
+                          f"and {hub.ENDPOINT}/{path_or_id} could not be fetched ({reason}); on a machine without "
+                          f"internet pass {flag} /path/to/a/local/copy") from None
+
+
+def load_diffusion(args, device):
+    """(model, scheduler, guidance decoder): the digits UNet and its scheduler, or a Stable Diffusion pipeline
+    (its own scheduler) and the optional cheaper decoder for the guidance pass."""
+    if args.dataset == "digits":
+        unet = load_from("--diffusion", args.diffusion, UNet2DModel.from_pretrained,
+                         hint="; retrain it with python assets/train_digits_unet.py").to(device).eval()
+        return unet, DDIMScheduler.from_pretrained(args.diffusion), None
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    decoder = (load_from("--guidance-decoder", args.guidance_decoder,
+                         lambda p: AutoencoderTiny.from_pretrained(p, dtype=dtype)).to(device).eval()
+               if args.guidance_decoder else None)
+    return load_from("--diffusion", args.diffusion, lambda p: ltg.load_stable_diffusion(p, device, dtype)), None, decoder
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's datasets.
+# ---------------------------------------------------------------------------------------------
+
+def paper_transforms():
+    """The paper's augmentation: random rotation (15 degrees), 224x224 crops, horizontal flips."""
+    head = [v2.RGB(), v2.ToImage()]
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(ltg.IMAGENET_MEAN, ltg.IMAGENET_STD)]
+    train = v2.Compose(head + [v2.RandomResizedCrop(224), v2.RandomRotation(15), v2.RandomHorizontalFlip()] + tail)
+    test = v2.Compose(head + [v2.Resize(256), v2.CenterCrop(224)] + tail)
+    return train, test
+
+
+def torchvision_splits(name, root, transforms, download):
+    """The (train, test) datasets of a torchvision dataset class, one transform each."""
+    cls = TORCHVISION[name]
+    if name == "caltech101":  # one set of all images; split below
+        return [cls(root, transform=tf, download=download) for tf in transforms]
+    splits = ("trainval", "test") if name == "pets" else ("train", "test")
+    return [cls(root, split, transform=tf, download=download) for split, tf in zip(splits, transforms)]
+
+
+def download_splits(name, root, transforms):
+    """torchvision_splits with download=True; on failure, what the attempt created is removed and the
+    Unavailable message names the folder, the URL and the flags."""
+    url, base = DOWNLOADS[name]
+    made = [p for p in (Path(root), Path(root) / base) if not p.exists()]
+    try:
+        return torchvision_splits(name, root, transforms, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+        reason = getattr(e, "reason", None) or e
+        raise Unavailable(f"could not download {TORCHVISION[name].__name__} from {url} into "
+                          f"{(Path(root) / base).resolve()} ({reason}); on a machine without internet put the "
+                          "files there by hand and pass --no-download, or point --data-root at a copy") from None
+
+
+def open_torchvision(name, root, transforms, download):
+    """The dataset's (train, test) from --data-root, downloaded first when missing (unless --no-download)."""
+    try:
+        return torchvision_splits(name, root, transforms, download=False)
+    except RuntimeError as e:
+        if name == "cars":
+            raise Unavailable(f"no StanfordCars data under {Path(root).resolve()} ({e}); torchvision cannot download "
+                              "it any more: place it there by hand") from None
+        if download:
+            return download_splits(name, root, transforms)
+        url, base = DOWNLOADS[name]
+        raise Unavailable(f"no {TORCHVISION[name].__name__} data under {(Path(root) / base).resolve()} (--no-download); "
+                          f"drop --no-download to fetch it from {url}, or point --data-root at a copy") from None
+
+
+def torchvision_task(name, root, download):
+    """Flowers102, OxfordIIITPet, StanfordCars or Caltech101 through torchvision."""
+    train_tf, test_tf = paper_transforms()
+    train, test = open_torchvision(name, root, (train_tf, test_tf), download)
+    if name == "caltech101":  # no official split: a fixed stratified 80/20 split of all images
+        train_idx, test_idx = train_test_split(np.arange(len(train.y)), test_size=0.2, stratify=train.y, random_state=0)
+        classes, labels = train.categories, [train.y[i] for i in train_idx]
+        train, test = Subset(train, train_idx), Subset(test, test_idx)
+    else:
+        classes = train.classes
+        # the label lists torchvision keeps (reading them through __getitem__ would decode every image)
+        labels = list(train._labels) if hasattr(train, "_labels") else [c for _, c in train._samples]
+    return Task(list(classes), train, test, {}, labels, train_tf, "RGB", PROMPTS[name])
+
+
+def imagenet_lt_task(root, eval_sets):
+    """ImageNet-LT from its list files in --data-root (lines 'train/n01440764/x.JPEG 0'), plus
+    evaluation-only sets (ImageNet-V2, ImageNet-A) from local folders."""
+    train_tf, test_tf = paper_transforms()
+    lists = {}
+    for split in ("train", "test"):
+        path = Path(root) / f"ImageNet_LT_{split}.txt"
+        if not path.is_file():
+            raise Unavailable(f"no ImageNet-LT list {path.resolve()}; ImageNet-LT cannot be downloaded: put the "
+                              "ImageNet images and ImageNet_LT_{train,test}.txt under --data-root")
+        lists[split] = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    wnid_to_label = {Path(f).parent.name: int(label) for f, label in lists["train"]}
+    train, test = (Images([Path(root) / f for f, _ in lists[s]], [int(c) for _, c in lists[s]], tf)
+                   for s, tf in (("train", train_tf), ("test", test_tf)))
+    evals = {}
+    for spec in eval_sets:
+        name, folder = spec.split("=", 1)
+        if not Path(folder).is_dir():
+            raise Unavailable(f"no {name} images under {Path(folder).resolve()} (--eval-set {spec}); "
+                              "it cannot be downloaded by torchvision: point --eval-set at a local copy")
+        evals[name] = ImageNetFolder(folder, wnid_to_label, test_tf)
+    classes = models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    return Task(classes, train, test, evals, train.labels, train_tf, "RGB", PROMPTS["imagenet-lt"])
