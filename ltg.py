@@ -13,9 +13,15 @@ latent diffusion model towards images that raise that signal:
         z_{t-1} = sqrt(abar_{t-1}) * zhat0' + sqrt(1 - abar_{t-1}) * eps_hat   # Eqn 7 (DDIM, eta = 0)
     return D(z_0)
 
-This file holds the math in order: the longtail signal (Eqn 4), the guided DDIM update
-(Eqns 11, 8, 7). Each op has a pure-torch reference and a fused kernel from the `_ltg` extension
-(csrc/); the reference is the definition, the kernel must agree with it.
+The same equations hold on any Gaussian path z_t = a_t x0 + b_t eps, with (sqrt(abar_t), sqrt(1 - abar_t))
+replaced by (a_t, b_t): variance preserving (SD 1.x, 2.x, SDXL) is the case above, rectified flow
+(SD 3.x, FLUX) has (a_t, b_t) = (1 - sigma_t, sigma_t), and there Eqn 7 is the Euler step. The model's
+output is converted to eps first (v-prediction, flow velocity); rectified flow's first step, at
+sigma = 1 where a_t = 0, is taken unguided from the clean estimate (see gaussian_path_step).
+
+This file holds the math in order: the longtail signal (Eqn 4), the guided update (Eqns 11, 8, 7).
+Each op has a pure-torch reference and a fused kernel from the `_ltg` extension (csrc/); the
+reference is the definition, the kernel must agree with it.
 """
 
 import contextlib
@@ -141,12 +147,57 @@ def longtail_signal(logits, kind="total", fused=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Eqns 8, 11, 7: the guided DDIM update (eta = 0). grad = grad_{z_t} f_lt(D(zhat0)).
+# Eqns 8, 11, 7: the guided update on the Gaussian path z_t = a_t x0 + b_t eps that every family
+# writes its noisy latent on. The model's output is converted to eps first; grad = grad_{z_t} f_lt(D(zhat0)).
+#   Eqn 8:  zhat0   = (z_t - b_t eps) / a_t
+#   Eqn 11: eps_hat = eps - w b_t grad
+#   Eqn 7:  z_prev  = a_prev zhat0(eps_hat) + b_prev eps_hat        (DDIM with eta = 0; Euler for rectified flow)
+# "eps held constant" means the converted eps in every family (for a velocity model z_t + a_t u, not u), so
+# grad_{z_t} = grad_{zhat0} / a_t: the guidance depends on the denoiser, not on how its network writes it.
+# At a_t = 0 (rectified flow's sigma = 1) z_t = b_t eps holds nothing of x0: Eqn 8 divides by zero, and
+# any bias delta of eps moves zhat0 by (b_t / a_t) delta, so Eqn 11 has no finite form there. That step
+# is unguided, taken from the clean estimate in a finite form (z_t - sigma_t u, Eqn 8 for a velocity model).
 # ---------------------------------------------------------------------------------------------
 
+def vp_coefficients(abar):
+    """(a, b) = (sqrt(abar), sqrt(1 - abar)) of the variance-preserving path (SD 1.x, 2.x, SDXL)."""
+    abar = float(abar)
+    if not 0.0 <= abar <= 1.0:
+        raise ValueError(f"ltg: abar must lie in [0, 1], got {abar}")
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+
+def rectified_flow_coefficients(sigma):
+    """(a, b) = (1 - sigma, sigma) of the rectified-flow path (SD 3.x, FLUX)."""
+    sigma = float(sigma)
+    if not 0.0 <= sigma <= 1.0:
+        raise ValueError(f"ltg: sigma must lie in [0, 1], got {sigma}")
+    return 1.0 - sigma, sigma
+
+
+def epsilon_from_v(z_t, v, a_t, b_t):
+    """eps of a v-prediction (SD 2.x 768-v) on the VP path, v = a_t eps - b_t x0: eps = a_t v + b_t z_t."""
+    return a_t * v + b_t * z_t
+
+
+def epsilon_from_velocity(z_t, u, sigma):
+    """eps of a rectified-flow velocity (SD 3.x, FLUX), u = eps - x0: eps = z_t + (1 - sigma) u."""
+    return z_t + (1.0 - float(sigma)) * u
+
+
+def clean_latent(z_t, eps, a_t, b_t):
+    """Eqn 8 on any path (a_t > 0): zhat0 = (z_t - b_t eps) / a_t."""
+    return (z_t - b_t * eps) / a_t
+
+
+def clean_latent_from_velocity(z_t, u, sigma):
+    """Eqn 8 for a rectified-flow velocity, finite at sigma = 1 too: zhat0 = z_t - sigma u."""
+    return z_t - float(sigma) * u
+
+
 def predict_clean_latent(z_t, eps, abar_t):
-    """Eqn 8: zhat0 = (z_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)."""
-    return (z_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+    """Eqn 8 on the VP path: zhat0 = (z_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)."""
+    return clean_latent(z_t, eps, *vp_coefficients(abar_t))
 
 
 def ddim_alphas(scheduler, t):
@@ -156,42 +207,73 @@ def ddim_alphas(scheduler, t):
     return float(scheduler.alphas_cumprod[int(t)]), float(abar_prev)
 
 
-def guided_ddim_step_reference(z_t, eps, grad, abar_t, abar_prev, w, return_eps=False):
-    """Eqns 11, 8, 7 in pure torch: z_prev (and eps_hat if return_eps), same shape and dtype as z_t."""
+def gaussian_path_step_reference(z_t, eps, grad, a_t, b_t, a_prev, b_prev, w, return_eps=False):
+    """Eqns 11, 8, 7 in pure torch (a_t > 0): z_prev (and eps_hat if return_eps), same shape and dtype as z_t."""
     z, e, g = (u.to(_compute_dtype(z_t.dtype)) for u in (z_t, eps, grad))
-    eps_hat = e - w * math.sqrt(1.0 - abar_t) * g                                  # Eqn 11
-    z0_hat = predict_clean_latent(z, eps_hat, abar_t)                              # Eqn 8, from eps_hat
-    z_prev = math.sqrt(abar_prev) * z0_hat + math.sqrt(1.0 - abar_prev) * eps_hat  # Eqn 7
+    eps_hat = e - w * b_t * g                                          # Eqn 11
+    z0_hat = clean_latent(z, eps_hat, a_t, b_t)                        # Eqn 8, from eps_hat
+    z_prev = a_prev * z0_hat + b_prev * eps_hat                        # Eqn 7
     return (z_prev.to(z_t.dtype), eps_hat.to(z_t.dtype)) if return_eps else z_prev.to(z_t.dtype)
 
 
-def _check_step_inputs(z_t, eps, grad, abar_t, abar_prev, w):
-    for name, u in (("eps", eps), ("grad", grad)):
-        if u.shape != z_t.shape or u.dtype != z_t.dtype or u.device != z_t.device:
+def _check_step_inputs(z_t, eps, grad, z0, a_t, b_t, a_prev, b_prev, w):
+    for name, u in (("eps", eps), ("grad", grad), ("z0", z0)):
+        if u is not None and (u.shape != z_t.shape or u.dtype != z_t.dtype or u.device != z_t.device):
             raise ValueError(f"ltg: {name} must match z_t in shape, dtype and device; got "
                              f"{tuple(u.shape)} {u.dtype} {u.device} vs {tuple(z_t.shape)} {z_t.dtype} {z_t.device}")
     if z_t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"ltg: z_t must be float16, bfloat16, float32 or float64, got {z_t.dtype}")
-    for name, a in (("abar_t", abar_t), ("abar_prev", abar_prev)):
-        if not 0.0 < a <= 1.0:
-            raise ValueError(f"ltg: {name} must lie in (0, 1], got {a}")
+    for name, c in (("a_t", a_t), ("b_t", b_t), ("a_prev", a_prev), ("b_prev", b_prev)):
+        if not (math.isfinite(c) and c >= 0.0):
+            raise ValueError(f"ltg: path coefficient {name} must be finite and >= 0, got {c}")
     if not math.isfinite(w):
         raise ValueError(f"ltg: guidance weight w must be finite, got {w}")
+    if a_t == 0.0 and z0 is None:
+        raise ValueError("ltg: at a_t = 0 (sigma = 1) Eqn 8 has no finite form in eps: pass the clean estimate z0 "
+                         "(e.g. clean_latent_from_velocity)")
+    if a_t == 0.0 and w != 0.0:
+        raise ValueError(f"ltg: guidance is undefined at a_t = 0 (sigma = 1): take that step with w = 0, got {w}")
+    if a_t > 0.0 and z0 is not None:
+        raise ValueError(f"ltg: z0 is for a_t = 0 only; at a_t = {a_t} Eqn 8 computes it from z_t and eps_hat")
+
+
+def gaussian_path_step(z_t, eps, grad, a_t, b_t, a_prev, b_prev, w, return_eps=False, fused=None, z0=None):
+    """Eqns 11 + 8 + 7 in one pass on the path z_t = a_t x0 + b_t eps: (z_t, eps, grad) of any one shape
+    -> z_prev (, eps_hat).
+
+    (a_t, b_t), (a_prev, b_prev): the path's coefficients at this step and at the next, less noisy one
+    (vp_coefficients, rectified_flow_coefficients); eps: the model's output converted to eps; w: the
+    guidance weight (w = 0 is the plain DDIM step, the Euler step for rectified flow). Arithmetic is
+    float32 for half types.
+
+    At a_t = 0 pass z0, the clean estimate from the model's output (clean_latent_from_velocity), and
+    w = 0: the step is a_prev z0 + b_prev eps. That is this same update taken from the clean point of
+    the path, (a, b) = (1, 0), where z = z0.
+    """
+    a_t, b_t, a_prev, b_prev, w = (float(c) for c in (a_t, b_t, a_prev, b_prev, w))
+    _check_step_inputs(z_t, eps, grad, z0, a_t, b_t, a_prev, b_prev, w)
+    if a_t == 0.0:
+        z_t, a_t, b_t = z0, 1.0, 0.0
+    if _use_fused(fused, z_t.device):
+        z_prev, eps_hat = _ltg.gaussian_path_step(z_t.contiguous(), eps.contiguous(), grad.contiguous(),
+                                                  a_t, b_t, a_prev, b_prev, w, return_eps)
+        return (z_prev, eps_hat) if return_eps else z_prev
+    return gaussian_path_step_reference(z_t, eps, grad, a_t, b_t, a_prev, b_prev, w, return_eps)
 
 
 def guided_ddim_step(z_t, eps, grad, abar_t, abar_prev, w, return_eps=False, fused=None):
-    """Eqns 11 + 8 + 7 in one pass: (z_t, eps, grad) of any one shape -> z_prev (, eps_hat).
+    """Eqns 11 + 8 + 7 on the variance-preserving path, the paper's guided DDIM step (eta = 0):
+    gaussian_path_step with (a, b) = vp_coefficients(abar).
 
     abar_t, abar_prev: the cumulative alpha products at t and at the previous (less noisy) step;
-    w: the guidance weight (w = 0 is plain DDIM). Arithmetic is float32 for half types.
+    w: the guidance weight (w = 0 is plain DDIM).
     """
-    abar_t, abar_prev, w = float(abar_t), float(abar_prev), float(w)
-    _check_step_inputs(z_t, eps, grad, abar_t, abar_prev, w)
-    if _use_fused(fused, z_t.device):
-        z_prev, eps_hat = _ltg.guided_ddim_step(z_t.contiguous(), eps.contiguous(), grad.contiguous(),
-                                                abar_t, abar_prev, w, return_eps)
-        return (z_prev, eps_hat) if return_eps else z_prev
-    return guided_ddim_step_reference(z_t, eps, grad, abar_t, abar_prev, w, return_eps)
+    abar_t, abar_prev = float(abar_t), float(abar_prev)
+    for name, abar in (("abar_t", abar_t), ("abar_prev", abar_prev)):
+        if not 0.0 < abar <= 1.0:
+            raise ValueError(f"ltg: {name} must lie in (0, 1], got {abar}")
+    return gaussian_path_step(z_t, eps, grad, *vp_coefficients(abar_t), *vp_coefficients(abar_prev), w,
+                              return_eps, fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +459,7 @@ class ClassConditionalDenoiser:
 class Guidance:
     """How Algorithm 1 guides. w = 0 is plain DDIM. Steps i (0 = noisiest) with
     start <= i / N < end and i % every == 0 are guided. rescale: the gradient is scaled per sample
-    so that ||sqrt(1 - abar_t) grad|| = ||eps||, making w the guidance term's share of eps's norm."""
+    so that ||b_t grad|| = ||eps|| (rescale_gradient), making w the guidance term's share of eps's norm."""
     w: float = 0.0
     signal: str = "total"
     start: float = 0.0
@@ -460,6 +542,12 @@ def _per_sample_norm(u):
     return u.flatten(1).float().norm(dim=1).view(-1, *[1] * (u.dim() - 1))
 
 
+def rescale_gradient(grad, eps, b_t):
+    """grad [B, ...] scaled per sample so that ||b_t grad|| = ||eps||: w is then the guidance term's share
+    of the noise estimate's norm in Eqn 11, on any path (eps is the model's output converted to eps)."""
+    return grad * _per_sample_norm(eps) / (b_t * _per_sample_norm(grad) + 1e-12)
+
+
 def sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast=None, progress=True):
     """Algorithm 1 from z_T [B, c, h, w] to z_0; returns (z_0, skipped [B], guidance ratios).
     The bookkeeping stays on z's device and is read once at the end: no host sync inside the loop."""
@@ -477,7 +565,7 @@ def sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast=N
             skipped += ~finite
             grad = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), grad, 0.0)
             if guidance.rescale:
-                grad = grad * _per_sample_norm(eps) / (math.sqrt(1 - abar_t) * _per_sample_norm(grad) + 1e-12)
+                grad = rescale_gradient(grad, eps, math.sqrt(1 - abar_t))
             term = guidance.w * math.sqrt(1 - abar_t) * _per_sample_norm(grad)
             ratios.append((term / _per_sample_norm(eps)).mean())
         else:

@@ -1,7 +1,7 @@
 """Benchmark of the fused `_ltg` kernels against the eager torch composites in ltg.py (fused=False).
 
-Times the guided DDIM step (Eqns 11, 8, 7) and the longtail signals (Eqn 4, forward and
-forward+backward), and a plain `dst.copy_(src)` moving as many bytes, to express the fused
+Times the guided step (Eqns 11, 8, 7, at a DDIM step's coefficients) and the longtail signals
+(Eqn 4, forward and forward+backward), and a plain `dst.copy_(src)` moving as many bytes, to express the fused
 kernels' throughput as a fraction of the measured copy bandwidth. Not a test.
 
     python bench/bench_ops.py [--device cpu|cuda] [--quick] [--out PATH]
@@ -29,7 +29,8 @@ QUICK = {
     "dtypes": [torch.float32],
     "repeats": 3,
 }
-STEP_ARGS = dict(abar_t=0.6, abar_prev=0.7, w=3.0)
+STEP_PATH = (*ltg.vp_coefficients(0.6), *ltg.vp_coefficients(0.7))   # (a_t, b_t, a_prev, b_prev)
+STEP_WEIGHT = 3.0
 
 
 def median_ms(fn, device, repeats):
@@ -46,8 +47,8 @@ def copy_gbps(nbytes, dtype, device, repeats):
 def step_case(n, dtype, device):
     """(op, size, bytes moved, fn(fused)) for the guided step on n elements: three reads, one write."""
     z, eps, grad = (torch.randn(n, device=device).to(dtype) for _ in range(3))
-    return ("guided_ddim_step", f"{n}", 4 * n * dtype.itemsize,
-            lambda fused: ltg.guided_ddim_step(z, eps, grad, **STEP_ARGS, fused=fused))
+    return ("gaussian_path_step", f"{n}", 4 * n * dtype.itemsize,
+            lambda fused: ltg.gaussian_path_step(z, eps, grad, *STEP_PATH, STEP_WEIGHT, fused=fused))
 
 
 def entropy_cases(K, B, C, dtype, device):
@@ -86,12 +87,12 @@ def run(device, config):
 
 
 def print_table(rows):
-    head = f"{'op':<17}{'device':<7}{'size':>13}{'dtype':>10}{'eager ms':>11}{'fused ms':>10}" \
+    head = f"{'op':<20}{'device':<7}{'size':>13}{'dtype':>10}{'eager ms':>11}{'fused ms':>10}" \
            f"{'speedup':>9}{'fused GB/s':>12}{'% copy bw':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['op']:<17}{r['device']:<7}{r['size']:>13}{r['dtype']:>10}{r['eager_ms']:>11.3f}"
+        print(f"{r['op']:<20}{r['device']:<7}{r['size']:>13}{r['dtype']:>10}{r['eager_ms']:>11.3f}"
               f"{r['fused_ms']:>10.3f}{r['speedup']:>8.2f}x{r['fused_gbps']:>12.2f}{r['pct_copy']:>10.0f}%")
 
 

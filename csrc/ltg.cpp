@@ -54,26 +54,30 @@ void check_logits(const at::Tensor& logits) {
 
 }  // namespace
 
-// Eqns 11, 8, 7: z_prev (and eps_hat when write_eps) from z_t, eps, grad, in one pass.
-std::tuple<at::Tensor, at::Tensor> guided_ddim_step(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
-                                                    double abar_t, double abar_prev, double w, bool write_eps) {
+// Eqns 11, 8, 7 on the path z_t = a_t x0 + b_t eps: z_prev (and eps_hat when write_eps) from z_t, eps,
+// grad, in one pass.
+std::tuple<at::Tensor, at::Tensor> gaussian_path_step(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
+                                                      double a_t, double b_t, double a_prev, double b_prev, double w,
+                                                      bool write_eps) {
   check_tensor(z, "z");
   check_float(z, "z");
   check_like(eps, "eps", z, "z", z.scalar_type(), z.sizes());
   check_like(grad, "grad", z, "z", z.scalar_type(), z.sizes());
-  TORCH_CHECK(abar_t > 0.0 && abar_t <= 1.0, "ltg: abar_t must lie in (0, 1], got ", abar_t);
-  TORCH_CHECK(abar_prev > 0.0 && abar_prev <= 1.0, "ltg: abar_prev must lie in (0, 1], got ", abar_prev);
+  TORCH_CHECK(std::isfinite(a_t) && a_t > 0.0, "ltg: a_t must be finite and > 0 (Eqn 8 divides by it), got ", a_t);
+  TORCH_CHECK(std::isfinite(b_t) && b_t >= 0.0, "ltg: b_t must be finite and >= 0, got ", b_t);
+  TORCH_CHECK(std::isfinite(a_prev) && a_prev >= 0.0, "ltg: a_prev must be finite and >= 0, got ", a_prev);
+  TORCH_CHECK(std::isfinite(b_prev) && b_prev >= 0.0, "ltg: b_prev must be finite and >= 0, got ", b_prev);
   TORCH_CHECK(std::isfinite(w), "ltg: guidance weight w must be finite, got ", w);
 
   const at::Tensor z_prev = at::empty_like(z);
   const at::Tensor eps_hat = write_eps ? at::empty_like(z) : at::Tensor();
-  const StepCoeffs<double> coeffs = step_coeffs(abar_t, abar_prev, w);
+  const StepCoeffs<double> coeffs = step_coeffs(a_t, b_t, a_prev, b_prev, w);
   if (on_cuda(z)) {
 #ifdef WITH_CUDA
-    guided_ddim_step_cuda(z, eps, grad, coeffs, z_prev, eps_hat);
+    gaussian_path_step_cuda(z, eps, grad, coeffs, z_prev, eps_hat);
 #endif
   } else {
-    guided_ddim_step_cpu(z, eps, grad, coeffs, z_prev, eps_hat);
+    gaussian_path_step_cpu(z, eps, grad, coeffs, z_prev, eps_hat);
   }
   return {z_prev, eps_hat};
 }
@@ -135,9 +139,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether the CUDA kernels were compiled in.");
-  m.def("guided_ddim_step", &ltg::guided_ddim_step,
-        "Eqns 11, 8, 7 fused: (z_prev, eps_hat or None).", py::arg("z"), py::arg("eps"), py::arg("grad"),
-        py::arg("abar_t"), py::arg("abar_prev"), py::arg("w"), py::arg("write_eps"));
+  m.def("gaussian_path_step", &ltg::gaussian_path_step,
+        "Eqns 11, 8, 7 fused on the path z_t = a_t x0 + b_t eps: (z_prev, eps_hat or None).", py::arg("z"),
+        py::arg("eps"), py::arg("grad"), py::arg("a_t"), py::arg("b_t"), py::arg("a_prev"), py::arg("b_prev"),
+        py::arg("w"), py::arg("write_eps"));
   m.def("entropy_forward", &ltg::entropy_forward,
         "Eqn 4 fused: logits [K, B, C] -> (total, aleatoric, epistemic, lse, logpbar).", py::arg("logits"));
   m.def("entropy_backward", &ltg::entropy_backward,

@@ -15,36 +15,35 @@
 namespace ltg {
 
 // ---------------------------------------------------------------------------------------------
-// Eqns 11, 8, 7: the guided DDIM step.
+// Eqns 11, 8, 7: the guided step on the path z_t = a_t x0 + b_t eps (a_t > 0; ltg.py handles a_t = 0).
 // ---------------------------------------------------------------------------------------------
 
 // The step's scalar coefficients. Made once on the host in double, then cast to the kernel's
 // arithmetic type, as torch casts a Python float when it multiplies a tensor by it.
 template <typename T>
 struct StepCoeffs {
-  T w_s_t;           // w * sqrt(1 - abar_t)
-  T s_t;             // sqrt(1 - abar_t)
-  T sqrt_abar_t;     // sqrt(abar_t)
-  T sqrt_abar_prev;  // sqrt(abar_prev)
-  T s_prev;          // sqrt(1 - abar_prev)
+  T w_b_t;   // w * b_t
+  T b_t;
+  T a_t;
+  T a_prev;
+  T b_prev;
 
   template <typename U>
   StepCoeffs<U> to() const {
-    return {U(w_s_t), U(s_t), U(sqrt_abar_t), U(sqrt_abar_prev), U(s_prev)};
+    return {U(w_b_t), U(b_t), U(a_t), U(a_prev), U(b_prev)};
   }
 };
 
-inline StepCoeffs<double> step_coeffs(double abar_t, double abar_prev, double w) {
-  const double s_t = std::sqrt(1.0 - abar_t);
-  return {w * s_t, s_t, std::sqrt(abar_t), std::sqrt(abar_prev), std::sqrt(1.0 - abar_prev)};
+inline StepCoeffs<double> step_coeffs(double a_t, double b_t, double a_prev, double b_prev, double w) {
+  return {w * b_t, b_t, a_t, a_prev, b_prev};
 }
 
 // One element of the step, in the reference's order.
 template <typename T>
 LTG_HOST_DEVICE inline void guided_step(T z, T eps, T grad, const StepCoeffs<T>& c, T& z_prev, T& eps_hat) {
-  eps_hat = eps - c.w_s_t * grad;                       // Eqn 11
-  const T z0 = (z - c.s_t * eps_hat) / c.sqrt_abar_t;   // Eqn 8, from eps_hat
-  z_prev = c.sqrt_abar_prev * z0 + c.s_prev * eps_hat;  // Eqn 7 (DDIM, eta = 0)
+  eps_hat = eps - c.w_b_t * grad;                   // Eqn 11
+  const T z0 = (z - c.b_t * eps_hat) / c.a_t;       // Eqn 8, from eps_hat
+  z_prev = c.a_prev * z0 + c.b_prev * eps_hat;      // Eqn 7 (DDIM, eta = 0; Euler for rectified flow)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -100,8 +99,8 @@ LTG_HOST_DEVICE inline T entropy_grad(T p, T logp, T logpbar, T s, T h, T gU, T 
 // ---------------------------------------------------------------------------------------------
 
 // eps_hat may be undefined: then only z_prev is written.
-void guided_ddim_step_cpu(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
-                          const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat);
+void gaussian_path_step_cpu(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
+                            const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat);
 void entropy_forward_cpu(const at::Tensor& logits, const at::Tensor& total, const at::Tensor& aleatoric,
                          const at::Tensor& epistemic, const at::Tensor& lse, const at::Tensor& logpbar);
 void entropy_backward_cpu(const at::Tensor& g_total, const at::Tensor& g_aleatoric, const at::Tensor& g_epistemic,
@@ -109,8 +108,8 @@ void entropy_backward_cpu(const at::Tensor& g_total, const at::Tensor& g_aleator
                           const at::Tensor& grad_logits);
 
 #ifdef WITH_CUDA
-void guided_ddim_step_cuda(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
-                           const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat);
+void gaussian_path_step_cuda(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
+                             const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat);
 void entropy_forward_cuda(const at::Tensor& logits, const at::Tensor& total, const at::Tensor& aleatoric,
                           const at::Tensor& epistemic, const at::Tensor& lse, const at::Tensor& logpbar);
 void entropy_backward_cuda(const at::Tensor& g_total, const at::Tensor& g_aleatoric, const at::Tensor& g_epistemic,

@@ -60,9 +60,9 @@ void guided_step_range(const scalar_t* __restrict__ z, const scalar_t* __restric
 
 }  // namespace
 
-void guided_ddim_step_cpu(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
-                          const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "guided_ddim_step_cpu", [&] {
+void gaussian_path_step_cpu(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
+                            const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gaussian_path_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto c = coeffs.to<acc_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();

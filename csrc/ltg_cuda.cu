@@ -193,13 +193,13 @@ __global__ void entropy_backward_kernel(const scalar_t* __restrict__ g_total, co
 
 }  // namespace
 
-void guided_ddim_step_cuda(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
-                           const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat) {
+void gaussian_path_step_cuda(const at::Tensor& z, const at::Tensor& eps, const at::Tensor& grad,
+                             const StepCoeffs<double>& coeffs, const at::Tensor& z_prev, const at::Tensor& eps_hat) {
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.numel();
   if (n == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "guided_ddim_step_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gaussian_path_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto c = coeffs.to<acc_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
