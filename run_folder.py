@@ -317,11 +317,17 @@ def plot_round(folder, rows, task, limit=64):
     write_figure(folder.round_plot(rows[0]["round"]), fig)
 
 
+GROUP_LABELS = dict(many="many-shot (> 100 images)", medium="medium-shot (20-100)", few="few-shot (< 20)",
+                    tail="tail (rarest third)")
+
+
 def plot_accuracy(path, metrics):
     epochs = metrics["epochs"]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([e["acc"] for e in epochs], label="overall")
-    ax.plot([e["tail_acc"] for e in epochs], label="tail classes (rarest third)")
+    for group, classes in metrics["class_groups"].items():
+        if classes:
+            ax.plot([e[f"{group}_acc"] for e in epochs], label=f"{GROUP_LABELS[group]}, {len(classes)} classes")
     pretrain = sum(e["phase"] == "pretrain" for e in epochs)
     for r in metrics["rounds"]:
         ax.axvline(pretrain + r["epoch"] - 0.5, color="gray", ls=":", lw=1)

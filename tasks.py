@@ -36,6 +36,7 @@ PROMPTS = {"flowers": "a photo of a {}, a type of flower.", "pets": "a photo of 
            "cars": "a photo of a {}, a type of car.", "caltech101": "a photo of a {}.",
            "imagenet-lt": "a photo of a {}."}
 
+MANY_SHOT, FEW_SHOT = 100, 20  # real training images: many-shot > 100, few-shot < 20, medium-shot between
 IMAGENET_INPUT = ltg.predictor_preprocess(224)  # a decoded RGB image's way into a torchvision classifier
 
 # The embedded default: a fixed stratified split of the 1,797 digits, a long-tailed train subset, and the
@@ -54,7 +55,7 @@ class Task:
     train: Dataset           # real training images with augmentation
     test: Dataset
     evals: dict              # evaluation-only sets, name -> Dataset
-    train_labels: list       # label of each real training image (class counts, tail classes)
+    train_labels: list       # label of each real training image (class counts, many/medium/few-shot groups)
     train_tf: v2.Compose     # the augmentation, also applied to synthetic images
     mode: str                # PIL mode of the images: "L" (digits) or "RGB"
     prompt: str | None       # per-class prompt template; None for the class-conditional digits model
@@ -105,15 +106,23 @@ def evaluate(predictor, dataset, num_classes, device, workers=0):
     return correct, count
 
 
-def evaluation_metrics(predictor, task, tail, device, workers):
-    """Top-1 on the test set (overall, tail classes, per class) and on each evaluation-only set."""
+def split_accuracy(correct, count, groups):
+    """Top-1 overall and over each group of classes (None for a group without test images)."""
+    metrics = dict(acc=float(correct.sum() / count.sum()))
+    for name, classes in groups.items():
+        n = count[classes].sum()
+        metrics[f"{name}_acc"] = float(correct[classes].sum() / n) if n else None
+    return metrics
+
+
+def evaluation_metrics(predictor, task, groups, device, workers):
+    """Top-1 on the test set (overall, per group of classes, per class) and on each evaluation-only set."""
     correct, count = evaluate(predictor, task.test, len(task.classes), device, workers)
-    metrics = dict(acc=correct.sum() / count.sum(), tail_acc=correct[tail].sum() / max(1, count[tail].sum()),
-                   per_class_acc=(correct / np.maximum(count, 1)).round(6).tolist())
+    metrics = split_accuracy(correct, count, groups) | dict(per_class_acc=(correct / np.maximum(count, 1)).round(6).tolist())
     for name, dataset in task.evals.items():
-        c, n = evaluate(predictor, dataset, len(task.classes), device, workers)
-        metrics[f"{name}_acc"] = c.sum() / max(1, n.sum())
-    return {k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()}
+        metrics |= {f"{name}_{k}": v for k, v in split_accuracy(*evaluate(predictor, dataset, len(task.classes), device,
+                                                                          workers), groups).items()}
+    return metrics
 
 
 def load_task(args):
@@ -124,15 +133,20 @@ def load_task(args):
     return torchvision_task(args.dataset, args.data_root, args.download)
 
 
-def tail_classes(labels, num_classes):
-    """The rarest third of the classes in the (long-tailed) training set."""
+def class_groups(labels, num_classes, rarest_third=False):
+    """The classes by their number of real training images, as the long-tail field splits them (Liu et al.,
+    "Large-Scale Long-Tailed Recognition in an Open World", 2019): many-shot (> 100), medium-shot (20-100),
+    few-shot (< 20); and, where asked, the rarest third of the classes ("tail", the digits' figure)."""
     counts = np.bincount(labels, minlength=num_classes)
-    return sorted(np.argsort(counts, kind="stable")[:max(1, round(num_classes / 3))].tolist())
+    groups = dict(many=np.flatnonzero(counts > MANY_SHOT).tolist(),
+                  medium=np.flatnonzero((counts >= FEW_SHOT) & (counts <= MANY_SHOT)).tolist(),
+                  few=np.flatnonzero(counts < FEW_SHOT).tolist())
+    if rarest_third:
+        groups["tail"] = sorted(np.argsort(counts, kind="stable")[:max(1, round(num_classes / 3))].tolist())
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------
-IMAGENET_INPUT = ltg.predictor_preprocess(224)  # a decoded RGB image's way into a torchvision classifier
-
 # The embedded default: 8x8 digits.
 # ---------------------------------------------------------------------------------------------
 

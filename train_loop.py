@@ -102,9 +102,7 @@ def run_cycle(args):
             loss, lr = train_epoch(run, epoch, dataset)
             record_epoch(run, epoch, loss, lr, synthetic=len(dataset) - len(run.task.train))
             if run.rank == 0:
-                last = run.metrics["epochs"][-1]
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{last['acc']:.3f}", tail=f"{last['tail_acc']:.3f}",
-                                refresh=False)
+                bar.set_postfix(loss=f"{loss:.3f}", **accuracies(run.metrics), refresh=False)
             bar.update()
     close_run(run)
 
@@ -233,7 +231,7 @@ def record_epoch(run, epoch, loss, lr, synthetic):
     if run.rank == 0:
         run.metrics["epochs"].append(dict(epoch=epoch.index, phase=epoch.phase, phase_epoch=epoch.number, lr=lr,
                                           loss=loss, real=len(run.task.train), synthetic=synthetic,
-                                          **tasks.evaluation_metrics(run.head.predictor, run.task, run.metrics["tail_classes"],
+                                          **tasks.evaluation_metrics(run.head.predictor, run.task, run.metrics["class_groups"],
                                                           run.device, run.args.workers)))
         run.state = dict(epoch=epoch.index, num_classes=len(run.task.classes), head=run.head.state_dict(),
                          optimizer=run.optimizer.state_dict(), schedule=run.schedule.state_dict(),
@@ -247,10 +245,16 @@ def record_epoch(run, epoch, loss, lr, synthetic):
     barrier(run.world)
 
 
+def accuracies(metrics):
+    """The last epoch's test top-1, overall and per group of classes, as text."""
+    last = metrics["epochs"][-1] if metrics["epochs"] else {}
+    keys = ("acc", *(f"{g}_acc" for g in metrics["class_groups"]))
+    return {k.removesuffix("_acc"): f"{last[k]:.3f}" for k in keys if last.get(k) is not None}
+
+
 def close_run(run):
     if run.rank == 0:
-        last = run.metrics["epochs"][-1] if run.metrics["epochs"] else {}
-        print(f"done: test acc {last.get('acc', float('nan')):.4f}, tail acc {last.get('tail_acc', float('nan')):.4f}; "
+        print(f"done: test top-1 {', '.join(f'{k} {v}' for k, v in accuracies(run.metrics).items())}; "
               f"results in {run.folder.root}/ (metrics.json, accuracy.png, rounds/, synthetic/, checkpoint.pt)")
         run.lock.close()
     if run.world > 1:
@@ -361,7 +365,10 @@ def start_state(args, folder, num_classes, device):
 
 def new_metrics(dataset, task, budget):
     C = len(task.classes)
-    return dict(dataset=dataset, classes=task.classes, tail_classes=tasks.tail_classes(task.train_labels, C),
+    return dict(dataset=dataset, classes=task.classes,
+                class_groups=tasks.class_groups(task.train_labels, C, rarest_third=dataset == "digits"),
+                class_group_rule=f"real training images: many-shot > {tasks.MANY_SHOT}, medium-shot {tasks.FEW_SHOT}-"
+                                 f"{tasks.MANY_SHOT}, few-shot < {tasks.FEW_SHOT}; tail: the rarest third (digits only)",
                 train_counts=np.bincount(task.train_labels, minlength=C).tolist(), synthetic_budget=budget,
                 epochs=[], rounds=[])
 

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train_loop.py and its modules
 import tasks  # noqa: E402
 import train_loop  # noqa: E402
-from run_folder import (RunFolder, plt, read_json, read_metadata, run_finished, write_atomic, write_figure,  # noqa: E402
-                        write_json, write_with)
+from run_folder import (GROUP_LABELS, RunFolder, plt, read_json, read_metadata, run_finished,  # noqa: E402
+                        write_atomic, write_figure, write_json, write_with)
 
 
 def parse_args(argv=None):
@@ -178,11 +178,19 @@ def judge_accuracy(judge, task, folder, rows):
 def run_summary(run, judge, task):
     """Final accuracies and what the run generated."""
     folder = RunFolder(run)
-    last = read_json(folder.metrics)["epochs"][-1]
+    metrics = read_json(folder.metrics)
+    last = metrics["epochs"][-1]
     rows = read_metadata(folder.metadata)
     mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
-    return dict(acc=last["acc"], tail_acc=last["tail_acc"], signal=mean("signal"),
-                guidance_ratio=mean("guidance_ratio"), judge_acc=judge_accuracy(judge, task, folder, rows) if judge else None)
+    return dict(acc=last["acc"], **{f"{g}_acc": last[f"{g}_acc"] for g in metrics["class_groups"]},
+                signal=mean("signal"), guidance_ratio=mean("guidance_ratio"),
+                judge_acc=judge_accuracy(judge, task, folder, rows) if judge else None)
+
+
+def accuracy_keys(runs):
+    """The accuracies every run has: overall, then per group of classes (many/medium/few-shot, tail)."""
+    keys = [k for k in runs[0] if k == "acc" or k.endswith("_acc") and k != "judge_acc"]
+    return [k for k in keys if all(r[k] is not None for r in runs)]
 
 
 def mean_std(values):
@@ -206,13 +214,14 @@ def evidence_report(args, base, arms, results):
         w, budget = arms[name]
         arm_rows[name] = dict(w=w, synthetic=budget, **{k: mean_std([r[k] for r in runs]) for k in runs[0]},
                               per_seed=runs)
+    keys = accuracy_keys([r for runs in results.values() for r in runs])
     unguided = {b: n for n, (w, b) in arms.items() if w == 0}  # the unguided arm of each budget
     for name, row in arm_rows.items():
         ref = unguided.get(row["synthetic"])
         if row["w"] > 0 and ref:
             row["minus_unguided"] = {k: paired([r[k] for r in row["per_seed"]],
-                                               [r[k] for r in arm_rows[ref]["per_seed"]]) for k in ("acc", "tail_acc")}
-    return dict(dataset=base.dataset, seeds=args.seeds, guidance_weight=base.guidance_weight,
+                                               [r[k] for r in arm_rows[ref]["per_seed"]]) for k in keys}
+    return dict(dataset=base.dataset, accuracies=keys, seeds=args.seeds, guidance_weight=base.guidance_weight,
                 rescale=base.rescale, synthetic=base.synthetic, schedule=base.rounds, epochs=base.epochs,
                 pretrain_epochs=base.pretrain_epochs, signal=base.signal,
                 command=shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
@@ -220,28 +229,34 @@ def evidence_report(args, base, arms, results):
                 machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}", arms=arm_rows)
 
 
+def label(key):
+    return "overall" if key == "acc" else GROUP_LABELS[key.removesuffix("_acc")]
+
+
 def evidence_markdown(report):
     pct = lambda s: "–" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
     num = lambda s, f=".3f": "–" if s is None else format(s["mean"], f)  # noqa: E731
     diff = lambda d: f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f}"  # noqa: E731
+    keys = report["accuracies"]
     lines = [f"# Longtail Guidance vs unguided synthetic data: {report['dataset']}", "",
              f"Measured {report['date']} on {report['machine']}. {report['seeds']} seeds per arm; test top-1 accuracy "
              f"(%) after {report['pretrain_epochs']} real-only and {report['epochs']} fine-tuning epochs, mean ± std "
-             "over seeds. Tail = the rarest third of the classes. Synthetic budget as a multiple of the real "
-             f"(long-tailed) training set; generation rounds at fine-tuning epochs {report['schedule']}. "
+             "over seeds; class groups by their real training images (many-shot > 100, medium-shot 20-100, few-shot "
+             "< 20; tail: the rarest third). Synthetic budget as a multiple of the real (long-tailed) training set; "
+             f"generation rounds at fine-tuning epochs {report['schedule']}. "
              f"Signal: {report['signal']}{', w rescaled (w = guidance share of |eps|)' if report['rescale'] else ''}.",
              "", f"Command: `{report['command']}`", "",
-             "| arm | w | synthetic | overall | tail | LTG − unguided overall | LTG − unguided tail | "
-             "mean signal | guidance ratio | judge acc |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| arm | w | synthetic | " + " | ".join(map(label, keys)) + " | mean signal | guidance ratio | judge acc |",
+             "| --- " * (len(keys) + 6) + "|"]
     for name, r in report["arms"].items():
-        d = r.get("minus_unguided")
-        lines.append(f"| {name} | {r['w']:g} | x{r['synthetic']:g} | {pct(r['acc'])} | {pct(r['tail_acc'])} | "
-                     f"{diff(d['acc']) if d else '–'} | {diff(d['tail_acc']) if d else '–'} | {num(r['signal'])} | "
-                     f"{num(r['guidance_ratio'])} | {pct(r['judge_acc'])} |")
-    lines += ["", "LTG − unguided: paired by seed (same seed, budget and schedule), mean ± standard error. Guidance "
-              "ratio: |w sqrt(1 - abar) grad| / |eps| at the median guided step. Judge acc: the share of generated "
-              "images a classifier trained on the balanced train split assigns to their intended class"
+        lines.append(f"| {name} | {r['w']:g} | x{r['synthetic']:g} | " + " | ".join(pct(r[k]) for k in keys)
+                     + f" | {num(r['signal'])} | {num(r['guidance_ratio'])} | {pct(r['judge_acc'])} |")
+    lines += ["", "Guided minus unguided, paired by seed (same seed, budget and schedule), mean ± standard error, "
+              "percentage points:", "", "| arm | " + " | ".join(map(label, keys)) + " |", "| --- " * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(diff(r["minus_unguided"][k]) for k in keys) + " |"
+              for name, r in report["arms"].items() if "minus_unguided" in r]
+    lines += ["", "Guidance ratio: |w sqrt(1 - abar) grad| / |eps| at the median guided step. Judge acc: the share of "
+              "generated images a classifier trained on the balanced train split assigns to their intended class"
               + (f" (its own test accuracy: {100 * report['judge_test_acc']:.1f}%)." if "judge_test_acc" in report
                  else "."), ""]
     return "\n".join(lines)
@@ -250,11 +265,12 @@ def evidence_markdown(report):
 def plot_comparison(path, report):
     names = list(report["arms"])
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-    x = np.arange(len(names))
-    for k, (key, label) in enumerate((("acc", "overall"), ("tail_acc", "tail (rarest third)"))):
+    x, keys = np.arange(len(names)), report["accuracies"]
+    width = 0.8 / len(keys)
+    for k, key in enumerate(keys):
         stats = [report["arms"][n][key] for n in names]
-        ax.bar(x + (k - 0.5) * 0.38, [100 * s["mean"] for s in stats], 0.38, yerr=[100 * s["std"] for s in stats],
-               capsize=3, label=label)
+        ax.bar(x + (k - (len(keys) - 1) / 2) * width, [100 * s["mean"] for s in stats], width,
+               yerr=[100 * s["std"] for s in stats], capsize=2, label=label(key))
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set(ylabel="test top-1 (%), mean ± std over seeds", ylim=(0, 100),
            title=f"{report['dataset']}: real only vs unguided vs LTG ({report['seeds']} seeds)")
@@ -286,10 +302,10 @@ def plot_budgets(path, report):
     for kind, w_zero in (("unguided", True), ("LTG", False)):
         rows = sorted((r for r in report["arms"].values() if r["synthetic"] > 0 and (r["w"] == 0) == w_zero
                        and (w_zero or r["w"] == report["guidance_weight"])), key=lambda r: r["synthetic"])
-        for key, style in (("acc", "-"), ("tail_acc", "--")):
+        for key, style in zip(("acc", report["accuracies"][-1]), ("-", "--")):
             ax.errorbar([r["synthetic"] for r in rows], [100 * r[key]["mean"] for r in rows],
                         [100 * r[key]["std"] for r in rows], ls=style, marker="o", capsize=3,
-                        label=f"{kind} {'overall' if key == 'acc' else 'tail'}")
+                        label=f"{kind} {label(key)}")
     budgets = sorted({r["synthetic"] for r in report["arms"].values() if r["synthetic"] > 0})
     ax.set(xscale="log", xlabel="synthetic budget (x the real training set)", ylabel="test top-1 (%)",
            title="data efficiency")

@@ -6,6 +6,7 @@ settings stay out of this process), except where a boundary (the network) must b
 flag checks run in-process through `train_loop.main`.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -41,6 +42,23 @@ def run_script(*args, cwd, check=True, launcher=(sys.executable,), script=ROOT /
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def run_main(main, *args, capsys):
+    """main(argv) as a user's command, but in this process (no interpreter start-up): its exit code and stderr."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "bench" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def one_line_error(proc, *messages):
@@ -92,8 +110,12 @@ def test_run_folder_holds_the_results(reference_run):
     metrics = json.loads((reference_run / "metrics.json").read_text())
     assert [(e["phase"], e["phase_epoch"]) for e in metrics["epochs"]] == [("pretrain", 0), ("finetune", 0),
                                                                            ("finetune", 1), ("finetune", 2)]
-    assert metrics["tail_classes"] == [7, 8, 9]
     counts = metrics["train_counts"]
+    # the long-tail field's groups by real training images (> 100, 20-100, < 20), and the digits' rarest third
+    assert metrics["class_groups"] == dict(many=[c for c in range(10) if counts[c] > 100],
+                                           medium=[c for c in range(10) if 20 <= counts[c] <= 100],
+                                           few=[c for c in range(10) if counts[c] < 20], tail=[7, 8, 9])
+    assert all(metrics["class_groups"][g] for g in ("many", "medium", "few"))
     assert 25 <= counts[0] / counts[-1] <= 40, counts                  # imbalance ratio about 30
     budget = metrics["synthetic_budget"]
     assert budget == round(0.1 * sum(counts))
@@ -101,8 +123,13 @@ def test_run_folder_holds_the_results(reference_run):
                                                                                  (1, 2, budget // 2)]
     # real and synthetic mixed in every fine-tuning epoch, the synthetic set growing by round
     assert [e["synthetic"] for e in metrics["epochs"]] == [0, budget - budget // 2, budget - budget // 2, budget]
+    test_counts = np.bincount(tasks.digits_split()[1][1].numpy(), minlength=10)
     for e in metrics["epochs"]:
-        assert 0 <= e["tail_acc"] <= 1 and 0 <= e["acc"] <= 1 and len(e["per_class_acc"]) == 10
+        per_class = np.array(e["per_class_acc"])
+        for group, classes in metrics["class_groups"].items():   # each group's top-1 over its test images
+            expected = (per_class[classes] * test_counts[classes]).sum() / test_counts[classes].sum()
+            assert e[f"{group}_acc"] == pytest.approx(expected, abs=1e-5), group
+        assert e["acc"] == pytest.approx((per_class * test_counts).sum() / test_counts.sum(), abs=1e-5)
     rows = run_folder.read_metadata(reference_run / "synthetic" / "metadata.jsonl")
     assert len(rows) == budget
     for r in rows:
@@ -230,6 +257,7 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     run_script(*args, cwd=tmp_path, script=ROOT / "bench" / "compare.py")
     report = json.loads((out / "comparison.json").read_text())
     assert list(report["arms"]) == ["real", "unguided", "ltg", "w0.5", "unguided-x0.05", "ltg-x0.05"]
+    assert report["accuracies"] == ["acc", "many_acc", "medium_acc", "few_acc", "tail_acc"]
     # an arm started from a sibling's pretrained predictor (--init-from) ends exactly as an independent run
     assert (json.loads((out / "ltg" / "seed0" / "metrics.json").read_text())
             == json.loads((reference_run / "metrics.json").read_text()))
@@ -246,7 +274,8 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     assert 0.0 <= ltg_arm["judge_acc"]["mean"] <= 1.0
     for name in ("comparison.md", "comparison.png", "sweep.png", "budgets.png", "judge.pt"):
         assert (out / name).is_file(), name
-    assert "| ltg | 0.07 | x0.1 |" in (out / "comparison.md").read_text()
+    markdown = (out / "comparison.md").read_text()
+    assert "| ltg | 0.07 | x0.1 |" in markdown and "| arm | overall | many-shot (> 100 images) |" in markdown
     before = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
     run_script(*args, cwd=tmp_path, script=ROOT / "bench" / "compare.py")  # everything is done: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")} == before
@@ -258,8 +287,8 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     (["--", "--seed", "3"], "--seed is set per arm by compare.py"),
     (["--", "--guidance-weight", "-1"], "--guidance-weight -1.0: must be finite and >= 0"),
 ])
-def test_compare_refuses_bad_flags_in_one_line(flags, message, tmp_path):
-    proc = run_script("--out", tmp_path / "cmp", *flags, cwd=tmp_path, check=False, script=ROOT / "bench" / "compare.py")
+def test_compare_refuses_bad_flags_in_one_line(flags, message, tmp_path, capsys):
+    proc = run_main(load_compare().main, "--out", tmp_path / "cmp", *flags, capsys=capsys)
     one_line_error(proc, message)
     assert list(tmp_path.iterdir()) == []
 
@@ -297,26 +326,27 @@ def drop_lines(path, keep):
      "checkpoint.pt is damaged"),
     (lambda run: (run / "config.json").write_text((run / "config.json").read_text()[:100]), "config.json is damaged"),
 ])
-def test_a_damaged_run_fails_to_resume_in_one_line(copy_of_reference, tmp_path, damage, message):
+def test_a_damaged_run_fails_to_resume_in_one_line(copy_of_reference, damage, message, capsys, torch_settings):
     damage(copy_of_reference)
     before = snapshot(copy_of_reference)
-    one_line_error(run_script("--resume", copy_of_reference, cwd=tmp_path, check=False), message)
+    one_line_error(run_main(train_loop.main, "--resume", copy_of_reference, capsys=capsys), message)
     assert snapshot(copy_of_reference) == before
 
 
-def test_resume_clears_temporary_files_and_allows_speed_flags(copy_of_reference, tmp_path):
+def test_resume_clears_temporary_files_and_allows_speed_flags(copy_of_reference, capsys, torch_settings):
     leftovers = [copy_of_reference / ".checkpoint.pt.4242.tmp", copy_of_reference / "synthetic" / "000-0" / ".x.png.7.tmp"]
     for path in leftovers:
         path.write_bytes(b"half")
     metrics = (copy_of_reference / "metrics.json").read_text()
-    run_script("--resume", copy_of_reference, "--threads", "2", "--workers", "0", cwd=tmp_path)
+    assert run_main(train_loop.main, "--resume", copy_of_reference, "--threads", "2", "--workers", "0",
+                    capsys=capsys).returncode == 0
     assert not any(p.exists() for p in leftovers)
     assert (copy_of_reference / "metrics.json").read_text() == metrics
 
 
-def test_resume_refuses_flags_that_change_the_run(copy_of_reference, tmp_path):
+def test_resume_refuses_flags_that_change_the_run(copy_of_reference, capsys):
     config = (copy_of_reference / "config.json").read_text()
-    err = one_line_error(run_script("--resume", copy_of_reference, "--guidance-weight", "0.5", cwd=tmp_path, check=False),
+    err = one_line_error(run_main(train_loop.main, "--resume", copy_of_reference, "--guidance-weight", "0.5", capsys=capsys),
                          "--guidance-weight 0.5", "has --guidance-weight 0.07")
     assert "drop --guidance-weight" in err
     assert (copy_of_reference / "config.json").read_text() == config
@@ -425,11 +455,27 @@ def test_out_must_be_a_folder_that_can_be_written(tmp_path, capsys):
         run_folder.take_lock(run_folder.RunFolder(tmp_path / "file" / "run"))
 
 
-def test_resume_refuses_a_checkpoint_with_another_class_count(copy_of_reference, tmp_path):
+def test_an_unwritable_out_is_one_line(capsys, torch_settings):
+    proc = run_main(train_loop.main, "--out", "/proc/ltg-cannot-be-here/run", "--synthetic", "0", "--pretrain-epochs", "0",
+                    "--epochs", "1", "--threads", "1", capsys=capsys)
+    err = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "cannot create the run folder /proc/ltg-cannot-be-here/run" in err, proc.stderr
+
+
+def test_resume_refuses_a_checkpoint_with_another_class_count(copy_of_reference, capsys, torch_settings):
     state = torch.load(copy_of_reference / "checkpoint.pt")
     torch.save(state | {"num_classes": 5}, copy_of_reference / "checkpoint.pt")
-    one_line_error(run_script("--resume", copy_of_reference, cwd=tmp_path, check=False),
+    one_line_error(run_main(train_loop.main, "--resume", copy_of_reference, capsys=capsys),
                    "has 5 classes but --dataset digits has 10")
+
+
+def test_class_groups_follow_the_shot_thresholds():
+    labels = [0] * 101 + [1] * 100 + [2] * 20 + [3] * 19 + [4] * 1
+    assert tasks.class_groups(labels, 6) == dict(many=[0], medium=[1, 2], few=[3, 4, 5])
+    assert tasks.class_groups(labels, 6, rarest_third=True)["tail"] == [4, 5]
+    correct, count = np.array([3, 0, 1, 0, 0, 0]), np.array([4, 2, 2, 0, 0, 0])
+    assert tasks.split_accuracy(correct, count, dict(many=[0], medium=[1, 2], few=[3, 4, 5])) == dict(
+        acc=0.5, many_acc=0.75, medium_acc=0.25, few_acc=None)
 
 
 def test_default_schedule_and_budget_shares():
