@@ -363,9 +363,10 @@ class EpistemicHead(nn.Module):
         return self.head_logits(*self.features_and_logits(x))
 
     def loss(self, h, mu, y):
-        """Cross entropy averaged over the K members, on stop-gradient (h, mu): reaches the head only."""
+        """Cross entropy averaged over the K members, on stop-gradient (h, mu): reaches the head only.
+        y: labels [B], or class probabilities [B, C] (label smoothing, mixup)."""
         logits = self.head_logits(h.detach(), mu.detach())                       # [K, B, C]
-        return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))
+        return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0], *[1] * (y.dim() - 1)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ model; the paper's datasets come through torchvision (downloaded when missing) o
 from its list files, with Stable Diffusion.
 """
 
+import functools
 import shutil
 import urllib.error
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from huggingface_hub import constants as hub
 from torchvision import datasets, models
 from torchvision.transforms import v2
 
+import livt
 import ltg
 
 DATASETS = ("digits", "flowers", "pets", "cars", "caltech101", "imagenet-lt")
@@ -37,7 +39,6 @@ PROMPTS = {"flowers": "a photo of a {}, a type of flower.", "pets": "a photo of 
            "imagenet-lt": "a photo of a {}."}
 
 MANY_SHOT, FEW_SHOT = 100, 20  # real training images: many-shot > 100, few-shot < 20, medium-shot between
-IMAGENET_INPUT = ltg.predictor_preprocess(224)  # a decoded RGB image's way into a torchvision classifier
 
 # The embedded default: a fixed stratified split of the 1,797 digits, a long-tailed train subset, and the
 # digits foundation model (assets/train_digits_unet.py trains it).
@@ -45,7 +46,11 @@ DIGITS_TEST_FRACTION, DIGITS_IMBALANCE = 0.4, 30.0
 DIGITS_UNET = Path(__file__).resolve().parent / "assets" / "digits-unet"
 
 
-class Unavailable(Exception):
+class TaskError(Exception):
+    """The data and the flags do not fit together; the message is one line, meant for the user."""
+
+
+class Unavailable(TaskError):
     """A dataset or model that is neither on disk nor fetchable: the message names the path, the URL and the flag."""
 
 
@@ -59,10 +64,17 @@ class Task:
     train_tf: v2.Compose     # the augmentation, also applied to synthetic images
     mode: str                # PIL mode of the images: "L" (digits) or "RGB"
     prompt: str | None       # per-class prompt template; None for the class-conditional digits model
+    input_size: int = 224    # side of the predictor's (square) input
 
     def preprocess(self, x):
         """Images [B, C, H, W] in [0, 1] -> the predictor's input, differentiably (for guidance)."""
-        return (x - 0.5) / 0.5 if self.mode == "L" else IMAGENET_INPUT(x)
+        return (x - 0.5) / 0.5 if self.mode == "L" else imagenet_input(self.input_size)(x)
+
+
+@functools.cache
+def imagenet_input(size):
+    """A decoded RGB image's way into an ImageNet-normalised classifier of input side `size` (built once)."""
+    return ltg.predictor_preprocess(size)
 
 
 class Images(Dataset):
@@ -93,14 +105,24 @@ class ImageNetFolder(datasets.ImageFolder):
         names = sorted(e.name for e in Path(directory).iterdir() if e.is_dir())
         return names, {n: int(n) if n.isdigit() else self.wnid_to_label[n] for n in names}
 
+    @property
+    def label_subset(self):
+        """The labels of a set that covers only some ImageNet classes (ImageNet-A: 200), to score over those
+        logits only, as is standard; None for a set of all 1,000 (ImageNet-V2)."""
+        labels = sorted(set(self.class_to_idx.values()))
+        return labels if len(labels) < len(self.wnid_to_label) else None
+
 
 @torch.no_grad()
-def evaluate(predictor, dataset, num_classes, device, workers=0):
-    """Per-class (correct, count) of the predictor's top-1 on a dataset: two int arrays [C]."""
+def evaluate(predictor, dataset, num_classes, device, workers=0, subset=None):
+    """Per-class (correct, count) of the predictor's top-1 on a dataset: two int arrays [C]. subset: the
+    labels to choose among (the argmax over those logits only), or None for all."""
     predictor.eval()
     correct, count = np.zeros(num_classes, int), np.zeros(num_classes, int)
+    labels = torch.arange(num_classes) if subset is None else torch.tensor(subset)
     for x, y in DataLoader(dataset, batch_size=256, num_workers=workers):
-        hit = (predictor(x.to(device)).argmax(1).cpu() == y).numpy()
+        logits = predictor(x.to(device))[:, labels.to(device)]                  # [B, C or |subset|]
+        hit = (labels[logits.argmax(1).cpu()] == y).numpy()
         np.add.at(correct, y.numpy(), hit)
         np.add.at(count, y.numpy(), 1)
     return correct, count
@@ -120,17 +142,18 @@ def evaluation_metrics(predictor, task, groups, device, workers):
     correct, count = evaluate(predictor, task.test, len(task.classes), device, workers)
     metrics = split_accuracy(correct, count, groups) | dict(per_class_acc=(correct / np.maximum(count, 1)).round(6).tolist())
     for name, dataset in task.evals.items():
-        metrics |= {f"{name}_{k}": v for k, v in split_accuracy(*evaluate(predictor, dataset, len(task.classes), device,
-                                                                          workers), groups).items()}
+        scores = evaluate(predictor, dataset, len(task.classes), device, workers, dataset.label_subset)
+        metrics |= {f"{name}_{k}": v for k, v in split_accuracy(*scores, groups).items()}
     return metrics
 
 
 def load_task(args):
     if args.dataset == "digits":
         return digits_task()
+    transforms = livt.transforms(args.input_size) if args.augment == "randaugment" else paper_transforms(args.input_size)
     if args.dataset == "imagenet-lt":
-        return imagenet_lt_task(args.data_root, args.eval_set)
-    return torchvision_task(args.dataset, args.data_root, args.download)
+        return imagenet_lt_task(args.data_root, args.eval_set, transforms, args.input_size)
+    return torchvision_task(args.dataset, args.data_root, args.download, transforms, args.input_size)
 
 
 def class_groups(labels, num_classes, rarest_third=False):
@@ -195,30 +218,50 @@ def small_cnn(num_classes, channels=1):
         nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, num_classes))                  # h [B, 64] -> [B, C]
 
 
-def build_predictor(arch, num_classes, channels):
-    """'cnn' (the digits predictor) or a torchvision classifier by name, from scratch."""
-    if arch == "cnn":
+def is_architecture(arch):
+    return arch == "cnn" or arch in models.list_models(module=models) or livt.is_timm_arch(arch)
+
+
+def build_predictor(args, num_classes, channels):
+    """--arch from scratch: 'cnn' (the digits predictor), a torchvision classifier or a timm ViT by name."""
+    if args.arch == "cnn":
         return small_cnn(num_classes, channels)
-    return models.get_model(arch, weights=None, num_classes=num_classes)
+    if args.arch in models.list_models(module=models):
+        return models.get_model(args.arch, weights=None, num_classes=num_classes)
+    return livt.create_vit(args.arch, num_classes, args.input_size, args.drop_path)
 
 
 def build_head(args, num_classes, channels):
     """The predictor (--arch), from scratch, wrapped by the Epistemic Head (K logits per input)."""
-    return ltg.EpistemicHead(build_predictor(args.arch, num_classes, channels), args.head_samples, args.head,
-                             seed=args.seed)
+    return ltg.EpistemicHead(build_predictor(args, num_classes, channels), args.head_samples, args.head, seed=args.seed)
+
+
+def predictor_loss(args, train_labels, num_classes):
+    """The predictor's loss (logits [B, C], labels [B] or class probabilities [B, C] from mixup): cross entropy,
+    or LiVT's balanced BCE (logits shifted by the log prior odds of the real training set). Label smoothing
+    is mixup's when mixup is on."""
+    smoothing = 0.0 if args.mixup else args.smoothing
+    if args.loss == "ce":
+        return functools.partial(F.cross_entropy, label_smoothing=smoothing)
+    counts = np.bincount(train_labels, minlength=num_classes)
+    if not counts.all():
+        raise TaskError(f"--loss bal-bce needs a training image of every class (its bias is the log prior odds); "
+                        f"{int((counts == 0).sum())} of {num_classes} classes have none, e.g. class {int(np.argmin(counts))}: "
+                        "use --loss ce")
+    return functools.partial(livt.balanced_bce, class_counts=torch.tensor(counts, dtype=torch.float32), smoothing=smoothing)
 
 
 class Learner(nn.Module):
-    """Predictor and head as one module, so DistributedDataParallel sees a single forward.
-    The head's loss reaches the head only (stop-gradient features), the CE loss the predictor."""
+    """Predictor and head as one module, so DistributedDataParallel sees a single forward. The head's loss
+    (cross entropy over its K members) reaches the head only (stop-gradient features), `criterion` the predictor."""
 
-    def __init__(self, head):
+    def __init__(self, head, criterion=F.cross_entropy):
         super().__init__()
-        self.head = head
+        self.head, self.criterion = head, criterion
 
-    def forward(self, x, y):                                                # x [B, C, H, W], y [B]
+    def forward(self, x, y):                                                # x [B, C, H, W], y [B] or [B, classes]
         h, mu = self.head.features_and_logits(x)                            # [B, F], [B, classes]
-        return F.cross_entropy(mu, y) + self.head.loss(h, mu, y)
+        return self.criterion(mu, y) + self.head.loss(h, mu, y)
 
 
 def fit_step(optimizer, loss):
@@ -263,12 +306,12 @@ def load_diffusion(args, device):
 # The paper's datasets.
 # ---------------------------------------------------------------------------------------------
 
-def paper_transforms():
-    """The paper's augmentation: random rotation (15 degrees), 224x224 crops, horizontal flips."""
+def paper_transforms(size=224):
+    """The paper's augmentation: random rotation (15 degrees), size x size crops, horizontal flips."""
     head = [v2.RGB(), v2.ToImage()]
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(ltg.IMAGENET_MEAN, ltg.IMAGENET_STD)]
-    train = v2.Compose(head + [v2.RandomResizedCrop(224), v2.RandomRotation(15), v2.RandomHorizontalFlip()] + tail)
-    test = v2.Compose(head + [v2.Resize(256), v2.CenterCrop(224)] + tail)
+    train = v2.Compose(head + [v2.RandomResizedCrop(size), v2.RandomRotation(15), v2.RandomHorizontalFlip()] + tail)
+    test = v2.Compose(head + [v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size)] + tail)
     return train, test
 
 
@@ -312,9 +355,9 @@ def open_torchvision(name, root, transforms, download):
                           f"drop --no-download to fetch it from {url}, or point --data-root at a copy") from None
 
 
-def torchvision_task(name, root, download):
+def torchvision_task(name, root, download, transforms, input_size):
     """Flowers102, OxfordIIITPet, StanfordCars or Caltech101 through torchvision."""
-    train_tf, test_tf = paper_transforms()
+    train_tf, test_tf = transforms
     train, test = open_torchvision(name, root, (train_tf, test_tf), download)
     if name == "caltech101":  # no official split: a fixed stratified 80/20 split of all images
         train_idx, test_idx = train_test_split(np.arange(len(train.y)), test_size=0.2, stratify=train.y, random_state=0)
@@ -324,13 +367,13 @@ def torchvision_task(name, root, download):
         classes = train.classes
         # the label lists torchvision keeps (reading them through __getitem__ would decode every image)
         labels = list(train._labels) if hasattr(train, "_labels") else [c for _, c in train._samples]
-    return Task(list(classes), train, test, {}, labels, train_tf, "RGB", PROMPTS[name])
+    return Task(list(classes), train, test, {}, labels, train_tf, "RGB", PROMPTS[name], input_size)
 
 
-def imagenet_lt_task(root, eval_sets):
-    """ImageNet-LT from its list files in --data-root (lines 'train/n01440764/x.JPEG 0'), plus
-    evaluation-only sets (ImageNet-V2, ImageNet-A) from local folders."""
-    train_tf, test_tf = paper_transforms()
+def imagenet_lt_task(root, eval_sets, transforms, input_size):
+    """ImageNet-LT from its list files in --data-root (lines 'train/n01440764/x.JPEG 0'), read image by image
+    (nothing held in memory), plus evaluation-only sets (ImageNet-V2, ImageNet-A) from local folders."""
+    train_tf, test_tf = transforms
     lists = {}
     for split in ("train", "test"):
         path = Path(root) / f"ImageNet_LT_{split}.txt"
@@ -349,4 +392,4 @@ def imagenet_lt_task(root, eval_sets):
                               "it cannot be downloaded by torchvision: point --eval-set at a local copy")
         evals[name] = ImageNetFolder(folder, wnid_to_label, test_tf)
     classes = models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
-    return Task(classes, train, test, evals, train.labels, train_tf, "RGB", PROMPTS["imagenet-lt"])
+    return Task(classes, train, test, evals, train.labels, train_tf, "RGB", PROMPTS["imagenet-lt"], input_size)

@@ -40,10 +40,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from torchvision import models
 from tqdm.auto import tqdm
 
 import introspect
+import livt
 import ltg
 import tasks
 from run_folder import (RunFolder, RunFolderError, check_generated_data, checkpoint_bytes, dataset_card,
@@ -54,19 +54,27 @@ from run_folder import (RunFolder, RunFolderError, check_generated_data, checkpo
 
 # Flags left unset take these per-dataset values: the paper's for its datasets; for digits, values
 # that fit the whole cycle in a minute or two on 2 CPU cores.
-PAPER = dict(arch="resnet50", pretrain_epochs=100, epochs=100, batch_size=64, synthetic=20.0, steps=50,
-             guidance_scale=7.5, guidance_weight=0.1, gen_batch=8, workers=8,
-             diffusion="CompVis/stable-diffusion-v1-4")
+RESNET = dict(lr=1e-3, loss="ce", smoothing=0.0, mixup=False, augment="paper", optimizer="adam", drop_path=0.0)
+PAPER = RESNET | dict(arch="resnet50", pretrain_epochs=100, epochs=100, batch_size=64, synthetic=20.0, steps=50,
+                      guidance_scale=7.5, guidance_weight=0.1, gen_batch=8, workers=8,
+                      diffusion="CompVis/stable-diffusion-v1-4")
+# ImageNet-LT: LiVT's recipe (livt.py): an MAE-pretrained ViT-B/16 (--init-from), balanced BCE, AdamW with layer
+# decay, RandAugment, mixup/cutmix; lr 8e-3 is LiVT's 1e-3 x global batch 2048 / 256 (256 per GPU on 8 GPUs).
+LIVT = dict(arch="vit_base_patch16_224", batch_size=256, lr=8e-3, loss="bal-bce", smoothing=0.1, mixup=True,
+            augment="randaugment", optimizer="adamw", drop_path=0.1)
 DEFAULTS = {
-    "digits": dict(arch="cnn", pretrain_epochs=30, epochs=10, batch_size=16, synthetic=6.0, steps=20,
-                   guidance_scale=2.0, guidance_weight=0.07, gen_batch=512, workers=0, diffusion=str(tasks.DIGITS_UNET)),
-    "flowers": PAPER, "cars": PAPER, "caltech101": PAPER, "imagenet-lt": PAPER,
+    "digits": RESNET | dict(arch="cnn", pretrain_epochs=30, epochs=10, batch_size=16, synthetic=6.0, steps=20,
+                            guidance_scale=2.0, guidance_weight=0.07, gen_batch=512, workers=0,
+                            diffusion=str(tasks.DIGITS_UNET)),
+    "flowers": PAPER, "cars": PAPER, "caltech101": PAPER, "imagenet-lt": PAPER | LIVT,
     "pets": PAPER | dict(synthetic=30.0),
 }
 # What --resume may change: where things are and how fast they run, never what the run computes.
 CHANGEABLE_ON_RESUME = ("threads", "workers", "device", "download", "data_root", "vlm_url", "llm_url")
 # What a run's pretraining depends on: --init-from takes these from the checkpoint it starts from.
-PRETRAINING = ("dataset", "arch", "head", "head_samples", "pretrain_epochs", "batch_size", "lr", "seed")
+PRETRAINING = ("dataset", "arch", "head", "head_samples", "pretrain_epochs", "batch_size", "lr", "seed", "input_size",
+               "loss", "smoothing", "mixup", "augment", "optimizer", "weight_decay", "layer_decay", "warmup_epochs",
+               "min_lr", "drop_path")
 
 
 class RunError(Exception):
@@ -81,7 +89,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run_cycle(args)
-    except (RunError, RunFolderError, tasks.Unavailable, introspect.IntrospectError) as e:
+    except (RunError, RunFolderError, tasks.TaskError, introspect.IntrospectError, livt.CheckpointMismatch) as e:
         print(f"train_loop.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -129,6 +137,7 @@ class Run:
     sizes: list                   # images per generation round
     metrics: dict
     state: dict | None            # the checkpoint the run starts from
+    mixup: object = None          # LiVT's mixup/cutmix of each batch (timm), or None
     start: int = 0                # the first epoch still to train
     optimizer: torch.optim.Optimizer = None
     schedule: torch.optim.lr_scheduler.LRScheduler = None
@@ -143,18 +152,20 @@ def open_run(args):
     task = tasks.load_task(args)
     check_prompt_file(args, task)
     torch.manual_seed(args.seed)
-    head = tasks.build_head(args, len(task.classes), 1 if task.mode == "L" else 3).to(device)
+    C = len(task.classes)
+    head = tasks.build_head(args, C, 1 if task.mode == "L" else 3).to(device)
     diffusion = tasks.load_diffusion(args, device) if args.rounds else None
     folder = RunFolder(args.out)
-    state = start_state(args, folder, len(task.classes), device)
+    state = start_state(args, folder, head, C, device)
     epochs = [Epoch(e, "pretrain", e, args.pretrain_epochs) for e in range(args.pretrain_epochs)]
     epochs += [Epoch(args.pretrain_epochs + e, "finetune", e, args.epochs) for e in range(args.epochs)]
     budget = round(args.synthetic * len(task.train))
-    learner = tasks.Learner(head).to(device)
+    learner = tasks.Learner(head, tasks.predictor_loss(args, task.train_labels, C)).to(device)
     if world > 1:
         learner = DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(args, task, head, learner, diffusion, folder, rank, world, device, epochs,
-              round_sizes(budget, len(args.rounds)) if args.rounds else [], new_metrics(args.dataset, task, budget), state)
+              round_sizes(budget, len(args.rounds)) if args.rounds else [], new_metrics(args.dataset, task, budget), state,
+              livt.mixup(C, args.smoothing) if args.mixup else None)
     if state is not None:
         head.load_state_dict(state["head"])
         run.metrics |= {k: state["metrics"][k] for k in ("epochs", "rounds")}
@@ -167,10 +178,15 @@ def open_run(args):
 
 
 def start_phase(run, epoch):
-    """A fresh Adam and cosine schedule for the phase; a run resumed inside a phase restores both."""
-    params = [p for p in run.learner.parameters() if p.requires_grad]
-    run.optimizer = torch.optim.Adam(params, lr=run.args.lr)
-    run.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=epoch.length)
+    """A fresh optimiser and schedule for the phase (Adam and cosine, or LiVT's AdamW with layer-wise lr decay,
+    warmup and cosine); a run resumed inside a phase restores both."""
+    args = run.args
+    if args.optimizer == "adamw":
+        run.optimizer = livt.optimizer(run.learner, args.lr, args.weight_decay, args.layer_decay)
+        run.schedule = livt.warmup_cosine(run.optimizer, epoch.length, args.warmup_epochs, args.min_lr)
+    else:
+        run.optimizer = torch.optim.Adam([p for p in run.learner.parameters() if p.requires_grad], lr=args.lr)
+        run.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=epoch.length)
     if epoch.number > 0:
         run.optimizer.load_state_dict(run.state["optimizer"])
         run.schedule.load_state_dict(run.state["schedule"])
@@ -212,14 +228,18 @@ def train_epoch(run, epoch, dataset):
     torch.manual_seed(derive_seed(run.args.seed, 1_000_000 + epoch.index, run.rank))
     sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=run.args.seed)
     sampler.set_epoch(epoch.index)
-    loader = DataLoader(dataset, batch_size=run.args.batch_size, sampler=sampler, num_workers=run.args.workers)
+    loader = DataLoader(dataset, batch_size=run.args.batch_size, sampler=sampler, num_workers=run.args.workers,
+                        drop_last=run.mixup is not None)  # mixup pairs a batch with itself reversed: even sizes only
     lr = run.schedule.get_last_lr()[0]
     run.learner.train()
     total = torch.zeros(2, dtype=torch.float64)                              # [sum of losses, images]
     for x, y in tqdm(loader, desc=f"{epoch.phase} {epoch.number}", disable=run.rank != 0, leave=False):
-        loss = run.learner(x.to(run.device), y.to(run.device))
+        x, y = x.to(run.device), y.to(run.device)
+        if run.mixup is not None:
+            x, y = run.mixup(x, y)                                           # y [B] -> class probabilities [B, C]
+        loss = run.learner(x, y)
         tasks.fit_step(run.optimizer, loss)
-        total += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64)
+        total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
     if run.world > 1:
         dist.all_reduce(total)
     run.schedule.step()
@@ -349,13 +369,16 @@ def check_prompt_file(args, task):
             raise RunError(f"--refined-prompts: {e}") from None
 
 
-def start_state(args, folder, num_classes, device):
-    """The checkpoint the run continues from: its own when resuming, --init-from's, or None (from scratch)."""
+def start_state(args, folder, head, num_classes, device):
+    """The checkpoint the run continues from: its own when resuming, or --init-from's run; None to start from
+    scratch, where --init-from's encoder weights (an MAE/LiVT checkpoint) are loaded into the predictor."""
     if args.resume and folder.checkpoint.exists():
         state = read_checkpoint(folder.checkpoint, device)
-    elif args.init_from:
+    elif args.init_from and is_run_checkpoint(args.init_from):
         state = read_checkpoint(args.init_from, device)
     else:
+        if args.init_from:
+            print(f"--init-from {args.init_from}: {livt.load_encoder(head.predictor, args.init_from)}", file=sys.stderr)
         return None
     if state["num_classes"] != num_classes:
         raise RunError(f"{folder.checkpoint if args.resume else args.init_from} has {state['num_classes']} classes "
@@ -516,18 +539,20 @@ def get_parser():
                    help="imagenet-lt only: an evaluation-only ImageFolder (ImageNet-V2: folders 0..999; "
                         "ImageNet-A: WordNet-id folders); repeatable")
     g = p.add_argument_group("predictor")
-    g.add_argument("--arch", help="'cnn' (small CNN) or any torchvision classifier name " + per_dataset("arch"))
+    g.add_argument("--arch", help="'cnn' (small CNN), a torchvision classifier or a timm ViT, by name "
+                                  + per_dataset("arch"))
     g.add_argument("--head", choices=ltg.HEADS, default="epinet", help="the Epistemic Head")
     g.add_argument("--head-samples", type=int, default=16, help="K predictions per input")
     g.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start from a run's pretrained.pt instead of pretraining: the new run takes that run's "
-                        "pretraining flags and history (e.g. arms of a comparison that share their pretraining)")
+                   help="a run's pretrained.pt: start after its pretraining, with its pretraining flags and history "
+                        "(e.g. arms of a comparison); or an MAE/LiVT checkpoint: the ViT encoder's initial weights")
     g = p.add_argument_group("training")
     g.add_argument("--pretrain-epochs", type=int, help="epochs on real data only, from scratch " + per_dataset("pretrain_epochs"))
     g.add_argument("--epochs", type=int, help="fine-tuning epochs, real + synthetic " + per_dataset("epochs"))
     g.add_argument("--batch-size", type=int, help=per_dataset("batch_size"))
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam, cosine-annealed over each phase")
+    g.add_argument("--lr", type=float, help="peak learning rate of each phase " + per_dataset("lr"))
     g.add_argument("--seed", type=int, default=0, help="everything random in the run derives from it")
+    add_recipe_flags(p)
     add_generation_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default: runs/<dataset>-w<w>-x<synthetic>-seed<seed>)")
@@ -538,6 +563,25 @@ def get_parser():
     g.add_argument("--threads", type=int, default=2, help="CPU threads, fixed so reruns are bit-identical")
     g.add_argument("--workers", type=int, help="DataLoader workers " + per_dataset("workers"))
     return p
+
+
+def add_recipe_flags(p):
+    g = p.add_argument_group("recipe (imagenet-lt: LiVT's, see livt.py)")
+    g.add_argument("--input-size", type=int, default=224, help="side of the predictor's square input")
+    g.add_argument("--loss", choices=("ce", "bal-bce"), help="the predictor's loss: cross entropy, or LiVT's "
+                   "balanced BCE (logits shifted by the log prior odds) " + per_dataset("loss"))
+    g.add_argument("--smoothing", type=float, help="label smoothing " + per_dataset("smoothing"))
+    g.add_argument("--mixup", action=argparse.BooleanOptionalAction,
+                   help="mixup 0.8 / cutmix 1.0 on every batch, LiVT's (needs an even --batch-size) " + per_dataset("mixup"))
+    g.add_argument("--augment", choices=("paper", "randaugment"), help="RGB augmentation: the paper's (rotation 15, "
+                   "crops, flips) or LiVT's (RandAugment m9, random erasing 0.25) " + per_dataset("augment"))
+    g.add_argument("--optimizer", choices=("adam", "adamw"), help="adam: Adam, cosine over each phase; adamw: LiVT's "
+                   "AdamW with layer-wise lr decay, warmup then cosine " + per_dataset("optimizer"))
+    g.add_argument("--weight-decay", type=float, default=0.05, help="adamw only")
+    g.add_argument("--layer-decay", type=float, default=0.75, help="adamw only: lr scale per ViT block from the top")
+    g.add_argument("--warmup-epochs", type=int, default=5, help="adamw only: linear warmup at the start of each phase")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="adamw only: where the cosine ends")
+    g.add_argument("--drop-path", type=float, help="stochastic depth of a ViT " + per_dataset("drop_path"))
 
 
 def add_generation_flags(p):
@@ -615,8 +659,10 @@ def parse_flags(argv=None):
         args = inherit(parser, argv, saved, set(saved) - set(CHANGEABLE_ON_RESUME), f"the run in {args.resume}")
         args.out = args.resume
     elif args.init_from:
-        pretraining = {k: v for k, v in checked_init_checkpoint(parser, args.init_from)["config"].items() if k in PRETRAINING}
-        args = inherit(parser, argv, pretraining, PRETRAINING, f"--init-from {args.init_from}")
+        state = run_init_checkpoint(parser, args.init_from)
+        if state is not None:
+            pretraining = {k: v for k, v in state["config"].items() if k in PRETRAINING}
+            args = inherit(parser, argv, pretraining, PRETRAINING, f"--init-from {args.init_from}")
     args.command = getattr(args, "command", None) or shlex.join(["python", "train_loop.py", *argv])
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
@@ -634,14 +680,22 @@ def saved_flags(parser, path, flag):
         parser.error(f"{flag} {path.parent}: {e}; restore it or start a new run")
 
 
-def checked_init_checkpoint(parser, path):
-    """--init-from's checkpoint: a run's state at the end of its pretraining."""
-    if not Path(path).is_file():
-        parser.error(f"--init-from {path}: no such file (expected a run's pretrained.pt)")
+def is_run_checkpoint(path):
     try:
-        state = read_checkpoint(path)
-    except RunFolderError as e:
-        parser.error(f"--init-from {path}: {e}")
+        read_checkpoint(path)
+        return True
+    except RunFolderError:
+        return False
+
+
+def run_init_checkpoint(parser, path):
+    """--init-from's checkpoint if it is a run's, at the end of its pretraining; None for weights (an MAE/LiVT
+    checkpoint: checked against the predictor when the run opens)."""
+    if not Path(path).is_file():
+        parser.error(f"--init-from {path}: no such file (expected a run's pretrained.pt or an MAE checkpoint)")
+    if not is_run_checkpoint(path):
+        return None
+    state = read_checkpoint(path)
     if state["epoch"] != state["config"]["pretrain_epochs"] - 1:
         parser.error(f"--init-from {path}: saved after epoch {state['epoch']}, not at the end of pretraining "
                      f"(epoch {state['config']['pretrain_epochs'] - 1}); use the run's pretrained.pt")
@@ -660,9 +714,15 @@ def check_args(parser, args):
     for flag in ("pretrain_epochs", "workers"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 0")
-    if args.arch != "cnn" and args.arch not in models.list_models(module=models):
-        parser.error(f"--arch {args.arch}: unknown; use 'cnn' or a torchvision classifier such as resnet50 "
-                     f"(torchvision.models.list_models(module=torchvision.models))")
+    if not tasks.is_architecture(args.arch):
+        parser.error(f"--arch {args.arch}: unknown; use 'cnn', a torchvision classifier such as resnet50 "
+                     f"(torchvision.models.list_models(module=torchvision.models)) or a timm ViT such as "
+                     f"vit_base_patch16_224")
+    if args.dataset == "digits" and (args.arch != "cnn" or args.augment != "paper" or args.mixup):
+        parser.error("--arch, --augment and --mixup choose how an RGB predictor trains; the digits predictor is "
+                     "--arch cnn on 8x8 greyscale images")
+    if args.mixup and args.batch_size % 2:
+        parser.error(f"--batch-size {args.batch_size}: mixup pairs each batch with itself reversed; use an even size")
     if args.eval_set and args.dataset != "imagenet-lt":
         parser.error(f"--eval-set is for --dataset imagenet-lt (ImageNet-V2, ImageNet-A), not {args.dataset}")
     for spec in args.eval_set:

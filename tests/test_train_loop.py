@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import introspect
+import livt
 import run_folder
 import tasks
 import train_loop
@@ -414,7 +415,10 @@ def test_files_are_written_whole_with_the_umasks_mode(tmp_path):
     (["--synthetic", "0", "--gen-epochs", "0,5"], "with --synthetic 0: a zero budget has no rounds"),
     (["--epochs", "4", "--gen-epochs", "0,4"], "epochs must lie in 0..3"),
     (["--synthetic", "-2"], "--synthetic -2.0: must be >= 0"),
-    (["--arch", "resnet51"], "--arch resnet51: unknown; use 'cnn' or a torchvision classifier"),
+    (["--arch", "resnet51"], ["--arch resnet51: unknown; use 'cnn', a torchvision classifier", "timm ViT"]),
+    (["--arch", "resnet18"], "the digits predictor is --arch cnn"),
+    (["--dataset", "flowers", "--mixup", "--batch-size", "3"], "--batch-size 3: mixup pairs each batch"),
+    (["--dataset", "imagenet-lt", "--loss", "focal"], ["invalid choice: 'focal'", "ce", "bal-bce"]),
     (["--dataset", "flowers", "--data-root", "{tmp}/empty", "--no-download"],
      ["empty/flowers-102 (--no-download)", "drop --no-download", "https://www.robots.ox.ac.uk/"]),
     (["--dataset", "imagenet-lt", "--data-root", "{tmp}/empty"], "ImageNet_LT_train.txt"),
@@ -655,3 +659,115 @@ def test_an_offline_download_is_one_line_and_leaves_no_folder(monkeypatch, tmp_p
         assert part in message, message
     assert "\n" not in message
     assert list(tmp_path.iterdir()) == [], "the failed download left something behind"
+
+
+# --- ImageNet-LT with LiVT's recipe, offline: a tiny ImageNet-LT-shaped folder, a tiny timm ViT, an MAE checkpoint ---
+
+WNIDS = ("n01440764", "n01443537", "n01484850")  # tench, goldfish, great white shark: ImageNet labels 0, 1, 2
+
+
+def jpeg(path, rng, size=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def tiny_imagenet_lt(root, counts=(101, 20, 5), test_per_class=2, classes=1000):
+    """ImageNet_LT_{train,test}.txt over train/<wnid>/*.JPEG with a many-, a medium- and a few-shot class (test
+    images of those three) and one image of every other class, and two evaluation-only folders: ImageNet-V2's
+    layout (folders by label) and ImageNet-A's (by WordNet id, a subset of the classes)."""
+    rng = np.random.default_rng(0)
+    lines = {"train": [], "test": []}
+    wnids = [*WNIDS, *(f"n9{c:07d}" for c in range(len(WNIDS), classes))]
+    for label, wnid in enumerate(wnids):
+        for split, k in (("train", counts[label] if label < len(counts) else 1),
+                         ("test", test_per_class if label < len(counts) else 0)):
+            for i in range(k):
+                jpeg(root / split / wnid / f"{i}.JPEG", rng)
+                lines[split].append(f"{split}/{wnid}/{i}.JPEG {label}")
+    for split, rows in lines.items():
+        (root / f"ImageNet_LT_{split}.txt").write_text("\n".join(rows) + "\n")
+    for label in range(3):
+        jpeg(root / "v2" / str(label) / "a.jpeg", rng)
+    for wnid in WNIDS[1:]:
+        jpeg(root / "a" / wnid / "a.jpeg", rng)
+    return root
+
+
+@pytest.fixture
+def tiny_vit(monkeypatch):
+    """A ViT-shaped timm model small enough for a test, registered under a name as timm's own are."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    def vit_ltg_test(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
+        return VisionTransformer(**dict(patch_size=8, embed_dim=32, depth=2, num_heads=2) | kwargs)
+    monkeypatch.setitem(timm.models._registry._model_entrypoints, "vit_ltg_test", vit_ltg_test)
+    monkeypatch.setattr(livt, "is_timm_arch", lambda name: name == "vit_ltg_test" or timm.is_model(name))
+    return vit_ltg_test
+
+
+def mae_checkpoint(path, vit):
+    """An MAE pretraining checkpoint's layout: the encoder (with its final norm), the decoder and mask token,
+    and the run's argparse.Namespace."""
+    encoder = vit(img_size=32, global_pool="token").state_dict()
+    decoder = {"mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.randn(16, 32)}
+    torch.save({"model": encoder | decoder, "args": __import__("argparse").Namespace(model="mae_vit_tiny")}, path)
+    return encoder
+
+
+def test_imagenet_lt_with_the_livt_recipe_end_to_end(tiny_vit, tiny_sd_path, tmp_path, capsys, torch_settings):
+    root = tiny_imagenet_lt(tmp_path / "imagenet-lt")
+    encoder = mae_checkpoint(tmp_path / "mae.pth", tiny_vit)
+    run = tmp_path / "run"
+    proc = run_main(train_loop.main, "--dataset", "imagenet-lt", "--data-root", root, "--arch", "vit_ltg_test",
+                    "--input-size", "32", "--init-from", tmp_path / "mae.pth", "--eval-set", f"imagenet-v2={root / 'v2'}",
+                    "--eval-set", f"imagenet-a={root / 'a'}", "--pretrain-epochs", "1", "--epochs", "1",
+                    "--batch-size", "16", "--synthetic", "0.03", "--steps", "2", "--gen-batch", "4", "--head-samples", "2",
+                    "--diffusion", tiny_sd_path, "--workers", "0", "--threads", "1", "--device", "cpu", "--out", run,
+                    capsys=capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--init-from" in proc.stderr and "loaded" in proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert (config["loss"], config["optimizer"], config["mixup"], config["augment"]) == ("bal-bce", "adamw", True,
+                                                                                         "randaugment")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_counts"][:3] == [101, 20, 5] and len(metrics["classes"]) == 1000
+    assert metrics["class_groups"]["many"] == [0] and metrics["class_groups"]["medium"] == [1]
+    assert metrics["class_groups"]["few"] == list(range(2, 1000)) and "tail" not in metrics["class_groups"]
+    for e in metrics["epochs"]:
+        for prefix in ("", "imagenet-v2_", "imagenet-a_"):
+            for key in ("acc", "many_acc", "medium_acc", "few_acc"):
+                value = e[prefix + key]
+                assert value is None if (prefix, key) == ("imagenet-a_", "many_acc") else 0 <= value <= 1, prefix + key
+    rows = run_folder.read_metadata(run / "synthetic" / "metadata.jsonl")
+    assert len(rows) == metrics["synthetic_budget"] == round(0.03 * sum(metrics["train_counts"]))
+    assert [r["prompt"] for r in rows[:4]] == ["a photo of a tench.", "a photo of a goldfish.",
+                                               "a photo of a great white shark.", "a photo of a tiger shark."]
+    state = torch.load(run / "pretrained.pt")
+    assert state["head"]["predictor.patch_embed.proj.weight"].shape == encoder["patch_embed.proj.weight"].shape
+
+
+def test_imagenet_a_is_scored_over_its_own_classes(tmp_path):
+    """ImageNet-A covers 200 of the 1,000 classes: the argmax is over those logits only."""
+    root = tiny_imagenet_lt(tmp_path / "imagenet-lt", counts=(1, 1, 1), test_per_class=1)
+    folder = tasks.ImageNetFolder(root / "a", dict(zip(WNIDS, range(3))), tasks.paper_transforms(16)[1])
+    assert folder.label_subset == [1, 2]
+    assert tasks.ImageNetFolder(root / "v2", dict(zip(WNIDS, range(3))), tasks.paper_transforms(16)[1]).label_subset is None
+
+    class Prefers(torch.nn.Module):  # logits 3 > 2 > 1 for classes 0, 2, 1: outside the subset, class 0 would win
+        def forward(self, x):
+            return torch.tensor([[3.0, 1.0, 2.0]]).expand(len(x), 3)
+    correct, count = tasks.evaluate(Prefers(), folder, 3, torch.device("cpu"), subset=folder.label_subset)
+    assert count.tolist() == [0, 1, 1] and correct.tolist() == [0, 0, 1]
+    correct, _ = tasks.evaluate(Prefers(), folder, 3, torch.device("cpu"))
+    assert correct.tolist() == [0, 0, 0]
+
+
+def test_an_mae_checkpoint_that_does_not_fit_is_one_line(tiny_vit, tmp_path, capsys, torch_settings):
+    root = tiny_imagenet_lt(tmp_path / "imagenet-lt", counts=(2, 2, 2), test_per_class=1)
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 48)}}, tmp_path / "wide.pth")
+    proc = run_main(train_loop.main, "--dataset", "imagenet-lt", "--data-root", root, "--arch", "vit_ltg_test",
+                    "--input-size", "32", "--init-from", tmp_path / "wide.pth", "--synthetic", "0", "--device", "cpu",
+                    "--out", tmp_path / "run", capsys=capsys)
+    one_line_error(proc, "wide.pth", "cls_token", "[1, 1, 48]", "[1, 1, 32]")
+    assert not (tmp_path / "run").exists()
