@@ -216,6 +216,14 @@ def read_checkpoint(path, device="cpu"):
     return state
 
 
+def is_run_checkpoint(path):
+    try:
+        read_checkpoint(path)
+        return True
+    except RunFolderError:
+        return False
+
+
 def read_metadata(path, class_names=None):
     """The rows of a metadata.jsonl ([] if absent), each checked: "file_name" a relative path, "label" a
     class index, "signal" a finite number, "class_name" a name (from class_names where a row lacks it)."""

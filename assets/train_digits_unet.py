@@ -1,4 +1,4 @@
-"""Trains the digits foundation model (assets/digits-unet), bit for bit from --seed:
+"""Trains the digits foundation model (assets/digits-unet), deterministically from --seed:
 
     python assets/train_digits_unet.py --seed 0          # 1000 steps, about 2 minutes on 2 CPU cores
 

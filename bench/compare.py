@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train_loop.py and its modules
 import tasks  # noqa: E402
+import train_flags  # noqa: E402
 import train_loop  # noqa: E402
 from run_folder import (GROUP_LABELS, RunFolder, plt, read_json, read_metadata, run_finished,  # noqa: E402
                         write_atomic, write_figure, write_json, write_with)
 
 
 def parse_args(argv=None):
-    p = train_loop.Parser(prog="compare.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = train_flags.Parser(prog="compare.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
     p.add_argument("--sweep", metavar="W,W,...", help="also one arm per guidance weight, and sweep.png")
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     for flag in ("--out", "--resume", "--seed", "--init-from"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             p.error(f"{flag} is set per arm by compare.py; leave it out")
-    base = train_loop.parse_flags(rest)[1]
+    base = train_flags.parse_flags(rest)[1]
     args.out = Path(args.out or f"runs/{base.dataset}-compare")
     return args, base
 
@@ -85,7 +86,7 @@ def evidence_arms(args, base):
 def to_argv(args):
     """train_loop.py flags that reproduce a flags namespace (those that differ from the parser's defaults)."""
     argv = []
-    for action in train_loop.get_parser()._actions:
+    for action in train_flags.get_parser()._actions:
         value = getattr(args, action.dest, None)
         if not action.option_strings or action.dest == "help" or value == action.default:
             continue

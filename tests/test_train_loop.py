@@ -27,6 +27,7 @@ import introspect
 import livt
 import run_folder
 import tasks
+import train_flags
 import train_loop
 from test_introspect import server  # noqa: F401  (the loopback OpenAI-compatible endpoint)
 from tiny_sd import install_in_hub_cache
@@ -483,11 +484,11 @@ def test_class_groups_follow_the_shot_thresholds():
 
 
 def test_default_schedule_and_budget_shares():
-    args = train_loop.parse_args(["--out", "x"])
+    args = train_flags.parse_args(["--out", "x"])
     assert args.dataset == "digits" and args.rounds == list(range(0, args.epochs, 5)) and args.download
-    args = train_loop.parse_args(["--dataset", "pets", "--epochs", "100", "--out", "x"])
+    args = train_flags.parse_args(["--dataset", "pets", "--epochs", "100", "--out", "x"])
     assert args.synthetic == 30 and args.rounds == list(range(0, 100, 5)) and args.arch == "resnet50"
-    assert train_loop.parse_args(["--synthetic", "0", "--out", "x"]).rounds == []
+    assert train_flags.parse_args(["--synthetic", "0", "--out", "x"]).rounds == []
     assert train_loop.round_sizes(10, 3) == [4, 3, 3]
     assert len({train_loop.derive_seed(0, r, i) for r in range(3) for i in range(1000)}) == 3000
     assert train_loop.derive_seed(1, 2, 3) == train_loop.derive_seed(1, 2, 3) != train_loop.derive_seed(2, 2, 3)
@@ -500,7 +501,7 @@ FLOWERS = ["pink primrose", "sweet pea", "tiger lily"]
 
 def sd_round_setup(tiny_sd_path, *flags):
     """A flowers-like task with three classes, the tiny SD-shaped pipeline and a resnet18 head."""
-    args = train_loop.parse_args(["--dataset", "flowers", "--arch", "resnet18", "--head-samples", "4", "--steps", "2",
+    args = train_flags.parse_args(["--dataset", "flowers", "--arch", "resnet18", "--head-samples", "4", "--steps", "2",
                                   "--gen-batch", "2", "--diffusion", str(tiny_sd_path), "--out", "x", *map(str, flags)])
     train_tf, _ = tasks.paper_transforms()
     task = tasks.Task(FLOWERS, None, None, {}, [0, 1, 2], train_tf, "RGB", tasks.PROMPTS["flowers"])
