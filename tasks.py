@@ -246,8 +246,8 @@ def predictor_loss(args, train_labels, num_classes):
     counts = np.bincount(train_labels, minlength=num_classes)
     if not counts.all():
         raise TaskError(f"--loss bal-bce needs a training image of every class (its bias is the log prior odds); "
-                        f"{int((counts == 0).sum())} of {num_classes} classes have none, e.g. class {int(np.argmin(counts))}: "
-                        "use --loss ce")
+                        f"{int((counts == 0).sum())} of {num_classes} classes have none, e.g. class "
+                        f"{int(np.argmin(counts))}: use --loss ce")
     return functools.partial(livt.balanced_bce, class_counts=torch.tensor(counts, dtype=torch.float32), smoothing=smoothing)
 
 

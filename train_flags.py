@@ -84,7 +84,8 @@ def get_parser():
                    help="a run's pretrained.pt: start after its pretraining, with its pretraining flags and history "
                         "(e.g. arms of a comparison); or an MAE/LiVT checkpoint: the ViT encoder's initial weights")
     g = p.add_argument_group("training")
-    g.add_argument("--pretrain-epochs", type=int, help="epochs on real data only, from scratch " + per_dataset("pretrain_epochs"))
+    g.add_argument("--pretrain-epochs", type=int,
+                   help="epochs on real data only, from scratch " + per_dataset("pretrain_epochs"))
     g.add_argument("--epochs", type=int, help="fine-tuning epochs, real + synthetic " + per_dataset("epochs"))
     g.add_argument("--batch-size", type=int, help=per_dataset("batch_size"))
     g.add_argument("--lr", type=float, help="peak learning rate of each phase " + per_dataset("lr"))
@@ -133,7 +134,8 @@ def add_generation_flags(p):
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance " + per_dataset("guidance_scale"))
     g.add_argument("--gen-batch", type=int, help="images per generation batch " + per_dataset("gen_batch"))
     g = p.add_argument_group("guidance (Algorithm 1)")
-    g.add_argument("--guidance-weight", type=float, help="w of Eqn 11; 0 = unguided synthetic baseline " + per_dataset("guidance_weight"))
+    g.add_argument("--guidance-weight", type=float,
+                   help="w of Eqn 11; 0 = unguided synthetic baseline " + per_dataset("guidance_weight"))
     g.add_argument("--signal", choices=ltg.SIGNALS, default="total", help="the longtail signal (Eqn 4)")
     g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True,
                    help="w is the guidance term's share of |eps| at every step (ltg.Guidance); --no-rescale: w "

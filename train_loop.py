@@ -223,10 +223,10 @@ def train_epoch(run, epoch, dataset):
 def record_epoch(run, epoch, loss, lr, synthetic):
     """Rank 0: the epoch's metrics, the checkpoint (and pretrained.pt at the end of pretraining), the plot."""
     if run.rank == 0:
+        accuracy = tasks.evaluation_metrics(run.head.predictor, run.task, run.metrics["class_groups"], run.device,
+                                            run.args.workers)
         run.metrics["epochs"].append(dict(epoch=epoch.index, phase=epoch.phase, phase_epoch=epoch.number, lr=lr,
-                                          loss=loss, real=len(run.task.train), synthetic=synthetic,
-                                          **tasks.evaluation_metrics(run.head.predictor, run.task, run.metrics["class_groups"],
-                                                          run.device, run.args.workers)))
+                                          loss=loss, real=len(run.task.train), synthetic=synthetic, **accuracy))
         run.state = dict(epoch=epoch.index, num_classes=len(run.task.classes), head=run.head.state_dict(),
                          optimizer=run.optimizer.state_dict(), schedule=run.schedule.state_dict(),
                          metrics=run.metrics, config=train_flags.saved_config(run.args))
@@ -419,7 +419,8 @@ def print_plan(run):
           f"{sum(e.phase == 'finetune' for e in remaining)} fine-tuning epochs to go; generation rounds at fine-tuning "
           f"epochs {[e for _, e in rounds]} with {[run.sizes[r] for r, _ in rounds]} images (w {args.guidance_weight:g}, "
           f"{args.steps} steps, {args.diffusion})\n"
-          f"estimate on {run.device.type} x {run.world}: {duration(total)} (generation {duration(images * gen / run.world)}, "
+          f"estimate on {run.device.type} x {run.world}: {duration(total)} "
+          f"(generation {duration(images * gen / run.world)}, "
           f"training {duration(trained * train / run.world)}; from one timed step of each, evaluation not counted)",
           file=sys.stderr)
     if run.device.type == "cpu" and args.device == "auto" and args.dataset != "digits":
