@@ -228,7 +228,10 @@ def build_predictor(args, num_classes, channels):
         return small_cnn(num_classes, channels)
     if args.arch in models.list_models(module=models):
         return models.get_model(args.arch, weights=None, num_classes=num_classes)
-    return livt.create_vit(args.arch, num_classes, args.input_size, args.drop_path)
+    try:
+        return livt.create_vit(args.arch, num_classes, args.input_size, args.drop_path)
+    except ValueError as e:  # a timm name that is not a ViT
+        raise TaskError(str(e)) from None
 
 
 def build_head(args, num_classes, channels):

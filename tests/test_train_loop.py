@@ -750,6 +750,12 @@ def test_imagenet_lt_with_the_livt_recipe_end_to_end(tiny_vit, tiny_sd_path, tmp
     assert state["head"]["predictor.patch_embed.proj.weight"].shape == encoder["patch_embed.proj.weight"].shape
 
 
+def test_a_timm_name_that_is_not_a_vit_is_one_line():
+    args = __import__("argparse").Namespace(arch="resnet18d", input_size=32, drop_path=0.0)
+    with pytest.raises(tasks.TaskError, match="--arch resnet18d is .*not a VisionTransformer"):
+        tasks.build_predictor(args, 10, 3)
+
+
 def test_imagenet_a_is_scored_over_its_own_classes(tmp_path):
     """ImageNet-A covers 200 of the 1,000 classes: the argmax is over those logits only."""
     root = tiny_imagenet_lt(tmp_path / "imagenet-lt", counts=(1, 1, 1), test_per_class=1)
