@@ -216,12 +216,12 @@ def read_checkpoint(path, device="cpu"):
     return state
 
 
-def is_run_checkpoint(path):
+def read_run_checkpoint(path, device="cpu"):
+    """read_checkpoint, or None where the file is no train_loop.py checkpoint (e.g. an MAE checkpoint's weights)."""
     try:
-        read_checkpoint(path)
-        return True
+        return read_checkpoint(path, device)
     except RunFolderError:
-        return False
+        return None
 
 
 def read_metadata(path, class_names=None):

@@ -120,8 +120,9 @@ def evaluate(predictor, dataset, num_classes, device, workers=0, subset=None):
     predictor.eval()
     correct, count = np.zeros(num_classes, int), np.zeros(num_classes, int)
     labels = torch.arange(num_classes) if subset is None else torch.tensor(subset)
+    columns = labels.to(device)
     for x, y in DataLoader(dataset, batch_size=256, num_workers=workers):
-        logits = predictor(x.to(device))[:, labels.to(device)]                  # [B, C or |subset|]
+        logits = predictor(x.to(device))[:, columns]                             # [B, C or |subset|]
         hit = (labels[logits.argmax(1).cpu()] == y).numpy()
         np.add.at(correct, y.numpy(), hit)
         np.add.at(count, y.numpy(), 1)

@@ -15,7 +15,7 @@ import torch
 import introspect
 import ltg
 import tasks
-from run_folder import RunFolder, RunFolderError, is_run_checkpoint, read_checkpoint, read_json, run_finished
+from run_folder import RunFolder, RunFolderError, read_json, read_run_checkpoint, run_finished
 
 
 # Flags left unset take these per-dataset values: the paper's for its datasets; for digits, values
@@ -224,9 +224,9 @@ def run_init_checkpoint(parser, path):
     checkpoint: checked against the predictor when the run opens)."""
     if not Path(path).is_file():
         parser.error(f"--init-from {path}: no such file (expected a run's pretrained.pt or an MAE checkpoint)")
-    if not is_run_checkpoint(path):
+    state = read_run_checkpoint(path)
+    if state is None:
         return None
-    state = read_checkpoint(path)
     if state["epoch"] != state["config"]["pretrain_epochs"] - 1:
         parser.error(f"--init-from {path}: saved after epoch {state['epoch']}, not at the end of pretraining "
                      f"(epoch {state['config']['pretrain_epochs'] - 1}); use the run's pretrained.pt")

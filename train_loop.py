@@ -46,8 +46,8 @@ import ltg
 import tasks
 import train_flags
 from run_folder import (RunFolder, RunFolderError, check_generated_data, checkpoint_bytes, dataset_card,
-                        generated_rows, is_run_checkpoint, metadata_rows, plot_accuracy, plot_round, read_checkpoint,
-                        read_metadata, remove_temporary_files, take_lock, write_atomic, write_json, write_jsonl,
+                        generated_rows, metadata_rows, plot_accuracy, plot_round, read_checkpoint, read_metadata,
+                        read_run_checkpoint, remove_temporary_files, take_lock, write_atomic, write_json, write_jsonl,
                         write_png)
 
 
@@ -290,6 +290,11 @@ def round_prompts(args, task, folder, rnd):
     return {}
 
 
+def round_guidance(args):
+    """How Algorithm 1 guides every image of a run (ltg.Guidance from the flags)."""
+    return ltg.Guidance(w=args.guidance_weight, signal=args.signal, rescale=args.rescale, every=args.guide_every)
+
+
 def sample_batch(args, task, diffusion, head, labels, prompts, seeds, guidance, steps=None):
     model, scheduler, guidance_decoder = diffusion
     kwargs = dict(preprocess=task.preprocess, num_inference_steps=steps or args.steps, progress=False)
@@ -307,7 +312,7 @@ def generate_round(args, task, diffusion, head, folder, rnd, count, rank=0, worl
     mine = read_metadata(folder.shard(rank))
     batches = [range(s, min(s + args.gen_batch, count)) for s in range(0, count, args.gen_batch)]
     todo = [b for i, b in enumerate(batches) if i % world == rank and (rnd, b[0]) not in done]
-    guidance = ltg.Guidance(w=args.guidance_weight, signal=args.signal, rescale=args.rescale, every=args.guide_every)
+    guidance = round_guidance(args)
     refined = round_prompts(args, task, folder, rnd)
     for batch in tqdm(todo, desc=f"round {rnd}", disable=rank != 0, leave=False):
         labels = [i % len(task.classes) for i in batch]
@@ -353,12 +358,13 @@ def start_state(args, folder, head, num_classes, device):
     scratch, where --init-from's encoder weights (an MAE/LiVT checkpoint) are loaded into the predictor."""
     if args.resume and folder.checkpoint.exists():
         state = read_checkpoint(folder.checkpoint, device)
-    elif args.init_from and is_run_checkpoint(args.init_from):
-        state = read_checkpoint(args.init_from, device)
     else:
-        if args.init_from:
-            print(f"--init-from {args.init_from}: {livt.load_encoder(head.predictor, args.init_from)}", file=sys.stderr)
-        return None
+        state = read_run_checkpoint(args.init_from, device) if args.init_from else None
+        if state is None:
+            if args.init_from:
+                print(f"--init-from {args.init_from}: {livt.load_encoder(head.predictor, args.init_from)}",
+                      file=sys.stderr)
+            return None
     if state["num_classes"] != num_classes:
         raise RunError(f"{folder.checkpoint if args.resume else args.init_from} has {state['num_classes']} classes "
                        f"but --dataset {args.dataset} has {num_classes}; use a checkpoint of the same dataset")
@@ -464,9 +470,9 @@ def time_call(fn):
 
 
 def generate_for_timing(run, n):
-    guidance = ltg.Guidance(w=run.args.guidance_weight, signal=run.args.signal, rescale=run.args.rescale)
     prompts = [image_prompt(run.task, {}, 0, 0)] * n
-    sample_batch(run.args, run.task, run.diffusion, run.head, [0] * n, prompts, list(range(n)), guidance, steps=1)
+    sample_batch(run.args, run.task, run.diffusion, run.head, [0] * n, prompts, list(range(n)), round_guidance(run.args),
+                 steps=1)
 
 
 def init_distributed(device_flag):
