@@ -152,12 +152,6 @@ def append_log(path, records):
         os.fsync(f.fileno())
 
 
-def _clip(text, n=120):
-    """text on one line, at most n characters: for error messages."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
 def _batches(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -167,7 +161,7 @@ def _open_rgb(path):
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as e:
-        raise IntrospectError(f"cannot read image {path}: {_clip(e)}") from None
+        raise IntrospectError(f"cannot read image {path}: {run_folder.clip(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +248,7 @@ def refine_prompt(reply, class_name, tokenizer=None):
     found = re.search(rf"a\s+photo\s+of\s+(?:(?:a|an|the)\s+)?{words}(?:e?s)?\s+that\b", text, re.IGNORECASE)
     if found is None:
         raise IntrospectError(f"reply for class {class_name!r} has no {prompt_prefix(class_name) + ' ...'!r}: "
-                              f"{_clip(reply, 80)!r}")
+                              f"{run_folder.clip(reply, 80)!r}")
     rest = text[found.end():]
     end = re.search(r"[.!?][\"'*_)\]]*(?=\s|$)", rest)  # one sentence: stop at its end, closing marks too
     rest = rest[:end.start()] if end else rest
@@ -264,7 +258,7 @@ def refine_prompt(reply, class_name, tokenizer=None):
     prompt = f"{prompt_prefix(class_name)} {rest}."
     too_long = prompt_too_long(prompt, tokenizer)
     if too_long:
-        raise IntrospectError(f"reply for class {class_name!r} is {too_long}: {_clip(prompt, 60)!r}")
+        raise IntrospectError(f"reply for class {class_name!r} is {too_long}: {run_folder.clip(prompt, 60)!r}")
     return prompt
 
 
@@ -379,7 +373,7 @@ def load_refined_prompts(path, class_names, tokenizer=None):
                 raise IntrospectError(f"{path}: class {name!r} prompt {i} is empty")
             too_long = prompt_too_long(prompt, tokenizer)
             if too_long:
-                raise IntrospectError(f"{path}: class {name!r} prompt {i} is {too_long}: {_clip(prompt, 60)!r}")
+                raise IntrospectError(f"{path}: class {name!r} prompt {i} is {too_long}: {run_folder.clip(prompt, 60)!r}")
     return {name: data[name] for name in class_names if name in data}
 
 
@@ -511,7 +505,7 @@ def _load(what, loader, path, **kwargs):
     try:
         return loader(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise IntrospectError(f"cannot load {what} {path!r}: {_clip(e, 200)}") from None
+        raise IntrospectError(f"cannot load {what} {path!r}: {run_folder.clip(e, 200)}") from None
 
 
 class LlavaDescriber:
@@ -594,14 +588,14 @@ def chat_completion(url, model, content, api_key=None, timeout=120.0, max_tokens
             raw = response.read()
     except urllib.error.HTTPError as e:
         hint = " (check the API key variable, --api-key-env)" if e.code in (401, 403) else ""
-        detail = _clip(e.read(500).decode("utf-8", "replace"))
+        detail = run_folder.clip(e.read(500).decode("utf-8", "replace"))
         raise IntrospectError(f"{url}: HTTP {e.code} {e.reason}{hint}: {detail}") from None
     except (OSError, http.client.HTTPException) as e:  # URLError and TimeoutError are OSErrors
         reason = getattr(e, "reason", e)  # URLError wraps the socket's error, e.g. a connect timeout
         if isinstance(reason, TimeoutError):
             raise IntrospectError(f"{url}: no reply within {timeout:g} s (raise --timeout)") from None
-        raise IntrospectError(f"{url}: request failed: {_clip(reason) or type(reason).__name__}") from None
-    shown = _clip(raw.decode("utf-8", "replace"))
+        raise IntrospectError(f"{url}: request failed: {run_folder.clip(reason) or type(reason).__name__}") from None
+    shown = run_folder.clip(raw.decode("utf-8", "replace"))
     try:
         reply = json.loads(raw)
     except ValueError:

@@ -84,9 +84,14 @@ def class_folder(label, name, num_classes):
     return f"{label:0{width}d}-{re.sub(r'[^A-Za-z0-9.+-]+', '_', name).strip('_')}"
 
 
+def round_prefix(rnd):
+    """What the file names of round rnd's images start with."""
+    return f"r{rnd:02d}_"
+
+
 def image_file(label, name, num_classes, rnd, index):
     """An image's file_name, relative to synthetic/."""
-    return f"{class_folder(label, name, num_classes)}/r{rnd:02d}_{index:06d}.png"
+    return f"{class_folder(label, name, num_classes)}/{round_prefix(rnd)}{index:06d}.png"
 
 
 def metadata_rows(out, classes, w, rnd, indices, labels, prompts, seeds):
@@ -242,18 +247,19 @@ def read_metadata(path, class_names=None):
     return rows
 
 
-def _clip(text, n=120):
-    text = text.strip()
-    return text if len(text) <= n else text[:n] + "..."
+def clip(text, n=120):
+    """text on one line, at most n characters: for error messages."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def _metadata_row(line, where, class_names):
     try:
         row = json.loads(line)
     except ValueError:
-        raise RunFolderError(f"{where}: not a JSON object (a damaged line): {_clip(line)}") from None
+        raise RunFolderError(f"{where}: not a JSON object (a damaged line): {clip(line)}") from None
     if not isinstance(row, dict):
-        raise RunFolderError(f"{where}: not a JSON object: {_clip(line)}")
+        raise RunFolderError(f"{where}: not a JSON object: {clip(line)}")
     file, label, signal = row.get("file_name"), row.get("label"), row.get("signal")
     if not isinstance(file, str) or not file or os.path.isabs(file):
         raise RunFolderError(f"{where}: \"file_name\" is {file!r}; expected a path relative to the folder")
@@ -286,7 +292,7 @@ def check_generated_data(folder, rounds):
                                  "restore it or start a new run")
     for r in rounds:
         listed = sum(row["round"] == r["round"] for row in rows)
-        on_disk = len(list(folder.synthetic.glob(f"*/r{r['round']:02d}_*.png")))
+        on_disk = len(list(folder.synthetic.glob(f"*/{round_prefix(r['round'])}*.png")))
         if listed != r["images"] or on_disk != r["images"]:
             raise RunFolderError(f"round {r['round']} made {r['images']} images, but {folder.metadata} lists {listed} and "
                                  f"{on_disk} are on disk: the generated data changed; restore it or start a new run")
