@@ -19,7 +19,8 @@ replaced by (a_t, b_t): variance preserving (SD 1.x, 2.x, SDXL) is the case abov
 output is converted to eps first (v-prediction, flow velocity); rectified flow's first step, at
 sigma = 1 where a_t = 0, is taken unguided from the clean estimate (see gaussian_path_step).
 
-This file holds the math in order: the longtail signal (Eqn 4), the guided update (Eqns 11, 8, 7).
+This file holds the math in order: the longtail signal (Eqn 4), the guided update (Eqns 11, 8, 7), the
+Epistemic Head, and Algorithm 1 over any Denoiser; families.py adapts each diffusers family to that interface.
 Each op has a pure-torch reference and a fused kernel from the `_ltg` extension (csrc/); the
 reference is the definition, the kernel must agree with it.
 """
@@ -28,13 +29,15 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 from tqdm.auto import tqdm
+
+from families import ClassConditionalDenoiser, denoiser_for, family_defaults, load_pipeline  # noqa: F401 (ltg.load_pipeline)
 
 try:
     import _ltg
@@ -200,11 +203,54 @@ def predict_clean_latent(z_t, eps, abar_t):
     return clean_latent(z_t, eps, *vp_coefficients(abar_t))
 
 
+PREDICTIONS = ("epsilon", "v_prediction", "flow")
+
+
+def epsilon_and_clean_latent(z_t, output, prediction, a_t, b_t):
+    """The network's output -> (eps, zhat0) at (a_t, b_t), each in a form that is finite wherever the
+    parametrisation allows (Eqn 8 for eps-prediction divides by a_t; v and velocity do not).
+      epsilon:       eps as is,             zhat0 = (z_t - b_t eps) / a_t
+      v_prediction:  eps = a_t v + b_t z_t, zhat0 = a_t z_t - b_t v      (VP, a^2 + b^2 = 1)
+      flow:          eps = z_t + a_t u,     zhat0 = z_t - b_t u          (rectified flow, a + b = 1)"""
+    if prediction == "epsilon":
+        if a_t == 0:
+            raise ValueError("ltg: an epsilon-predicting model says nothing of x0 at a_t = 0 (zero terminal SNR): "
+                             "take a v-prediction model or a schedule with abar_T > 0")
+        return output, clean_latent(z_t, output, a_t, b_t)
+    if prediction == "v_prediction":
+        return epsilon_from_v(z_t, output, a_t, b_t), a_t * z_t - b_t * output
+    if prediction == "flow":
+        return epsilon_from_velocity(z_t, output, b_t), clean_latent_from_velocity(z_t, output, b_t)
+    raise ValueError(f"ltg: unknown prediction type {prediction!r}; supported: {', '.join(PREDICTIONS)}")
+
+
+@dataclass(frozen=True)
+class PathStep:
+    """One step of a sampler on the path: the network's timestep t, (a_t, b_t) and (a_prev, b_prev)."""
+    t: torch.Tensor
+    a_t: float
+    b_t: float
+    a_prev: float
+    b_prev: float
+
+
 def ddim_alphas(scheduler, t):
     """(abar_t, abar_prev) for DDIM timestep t of a diffusers DDIMScheduler, read as its step() reads them."""
     prev_t = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     abar_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
     return float(scheduler.alphas_cumprod[int(t)]), float(abar_prev)
+
+
+def path_steps(scheduler):
+    """A scheduler's timesteps (after set_timesteps) as PathSteps, noisiest first: a DDIMScheduler's on the VP
+    path, a FlowMatchEulerDiscreteScheduler's (sigma_i -> sigma_i+1) on the rectified-flow path."""
+    if isinstance(scheduler, DDIMScheduler):
+        alphas = [ddim_alphas(scheduler, t) for t in scheduler.timesteps]
+        return [PathStep(t, *vp_coefficients(abar_t), *vp_coefficients(abar_prev))
+                for t, (abar_t, abar_prev) in zip(scheduler.timesteps, alphas)]
+    sigmas = scheduler.sigmas.tolist()
+    return [PathStep(t, *rectified_flow_coefficients(sigmas[i]), *rectified_flow_coefficients(sigmas[i + 1]))
+            for i, t in enumerate(scheduler.timesteps)]
 
 
 def gaussian_path_step_reference(z_t, eps, grad, a_t, b_t, a_prev, b_prev, w, return_eps=False):
@@ -370,86 +416,55 @@ class EpistemicHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Denoisers: eps_theta(z_t, t) with classifier-free guidance, and the decoder D, for a latent
-# model (Stable Diffusion) and a pixel-space class-conditional model (D = identity). Algorithm 1
-# below runs the same code on both.
+# Denoisers: what Algorithm 1 needs of a diffusion model. families.py adapts each diffusers family
+# (SD 1.x/2.x, SDXL, SD 3.x, FLUX, and the pixel-space digits model) to this one interface.
 # ---------------------------------------------------------------------------------------------
 
-def check_scheduler(scheduler):
-    """Algorithm 1 takes DDIM steps on an epsilon-predicting model without x0 clipping."""
+class Denoiser(Protocol):
+    """A diffusion model as Algorithm 1 uses it.
+
+    scheduler: a DDIMScheduler (variance-preserving path) or a FlowMatchEulerDiscreteScheduler (rectified
+        flow); path_steps reads its timesteps and coefficients.
+    prediction: what predict returns, one of PREDICTIONS ('flow' is the velocity eps - x0).
+    """
+    scheduler: object
+    prediction: str
+
+    def set_timesteps(self, num_inference_steps: int, device) -> None:
+        """Sets the scheduler's N steps as the family's pipeline sets them (shifts included)."""
+
+    def initial_latent(self, generators: list, device) -> torch.Tensor:
+        """z_T [B, ...] in float32, one generator per image, drawn as the family's pipeline draws it."""
+
+    def predict(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at (z_t, t) with its own guidance (classifier-free, distilled) applied, in z's dtype."""
+
+    def decode(self, z0: torch.Tensor) -> torch.Tensor:
+        """D(z0): images [B, 3, H, W] in [-1, 1]."""
+
+    def guidance_decode(self, z0: torch.Tensor) -> torch.Tensor:
+        """D for the guidance pass: the same, or a cheaper decoder of the same latents."""
+
+
+def check_scheduler(scheduler, prediction):
+    """Algorithm 1 takes deterministic steps on a Gaussian path: DDIM (eta = 0, no x0 clipping) on the VP
+    path, the Euler step of a FlowMatchEulerDiscreteScheduler on the rectified-flow path."""
     config = scheduler.config
-    if not isinstance(scheduler, DDIMScheduler):
-        raise ValueError(f"ltg: Algorithm 1 needs a DDIMScheduler, got {type(scheduler).__name__} "
-                         "(use DDIMScheduler.from_config(pipe.scheduler.config))")
-    if config.prediction_type != "epsilon" or config.clip_sample or config.thresholding:
-        raise ValueError(f"ltg: the scheduler must predict epsilon without clipping or thresholding; got "
-                         f"prediction_type={config.prediction_type!r}, clip_sample={config.clip_sample}, "
-                         f"thresholding={config.thresholding}")
-
-
-def _decode_with(vae, z0):
-    """D(z0): a diffusers autoencoder (AutoencoderKL, AutoencoderTiny) run in its own dtype -> images in
-    [-1, 1] in z0's dtype."""
-    return vae.decode((z0 / vae.config.scaling_factor).to(vae.dtype)).sample.to(z0.dtype)
-
-
-def _unet_noise(unet, z, t, **conditioning):
-    """eps_theta(z, t): the UNet run in its own dtype, eps in z's dtype."""
-    return unet(z.to(unet.dtype), t, **conditioning).sample.to(z.dtype)
-
-
-class StableDiffusionDenoiser:
-    """A diffusers StableDiffusionPipeline conditioned on one prompt per image."""
-
-    def __init__(self, pipe, prompts, guidance_scale=7.5, negative_prompt=None, guidance_decoder=None,
-                 checkpoint_decoder=False):
-        self.unet, self.vae, self.guidance_scale = pipe.unet, pipe.vae, guidance_scale
-        self.guidance_vae = guidance_decoder or pipe.vae
-        if checkpoint_decoder:
-            self.guidance_vae.enable_gradient_checkpointing()
-        self.cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, self.cfg, negative_prompt)
-        embeds = torch.cat([uncond, cond]) if self.cfg else cond                 # [2B or B, 77, 768]
-        self.embeds = embeds.to(pipe.unet.dtype)
-        size = pipe.unet.config.sample_size
-        self.latent_shape = (pipe.unet.config.in_channels, size, size)          # 4 x H/8 x W/8
-
-    def noise(self, z, t):                                                       # [B, 4, h, w]
-        if not self.cfg:
-            return _unet_noise(self.unet, z, t, encoder_hidden_states=self.embeds)
-        uncond, cond = _unet_noise(self.unet, torch.cat([z, z]), t, encoder_hidden_states=self.embeds).chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
-
-    def decode(self, z0):                                                        # -> [B, 3, 8h, 8w]
-        return _decode_with(self.vae, z0)
-
-    def guidance_decode(self, z0):
-        return _decode_with(self.guidance_vae, z0)
-
-
-class ClassConditionalDenoiser:
-    """A pixel-space diffusers UNet2DModel with class embeddings; class `null_class` is the
-    unconditional one for classifier-free guidance. D is the identity."""
-
-    def __init__(self, unet, labels, guidance_scale=1.0, null_class=None):
-        self.unet, self.guidance_scale = unet, guidance_scale
-        self.cfg = guidance_scale != 1.0
-        self.labels = labels
-        null = unet.config.num_class_embeds - 1 if null_class is None else null_class
-        self.null = torch.full_like(labels, null)
-        self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-
-    def noise(self, z, t):                                                       # [B, c, h, w]
-        if not self.cfg:
-            return _unet_noise(self.unet, z, t, class_labels=self.labels)
-        labels = torch.cat([self.null, self.labels])
-        uncond, cond = _unet_noise(self.unet, torch.cat([z, z]), t, class_labels=labels).chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
-
-    def decode(self, z0):
-        return z0
-
-    guidance_decode = decode
+    if isinstance(scheduler, DDIMScheduler):
+        if prediction not in ("epsilon", "v_prediction") or config.prediction_type != prediction:
+            raise ValueError(f"ltg: a DDIMScheduler needs an epsilon- or v-predicting model matching its "
+                             f"prediction_type; got {prediction!r} and prediction_type={config.prediction_type!r}")
+        if config.clip_sample or config.thresholding:
+            raise ValueError(f"ltg: the DDIMScheduler must not clip or threshold x0; got clip_sample="
+                             f"{config.clip_sample}, thresholding={config.thresholding}")
+    elif isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if prediction != "flow" or config.stochastic_sampling or config.invert_sigmas:
+            raise ValueError(f"ltg: a FlowMatchEulerDiscreteScheduler needs a velocity ('flow') model and "
+                             f"deterministic, uninverted sigmas; got {prediction!r}, stochastic_sampling="
+                             f"{config.stochastic_sampling}, invert_sigmas={config.invert_sigmas}")
+    else:
+        raise ValueError(f"ltg: Algorithm 1 needs a DDIMScheduler or a FlowMatchEulerDiscreteScheduler, got "
+                         f"{type(scheduler).__name__} (ltg.load_pipeline sets the right one)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +505,7 @@ class LTGOutput:
     signals: dict                 # 'total', 'epistemic', 'aleatoric' -> [B]: every kind, of each final image
     label: torch.Tensor           # [B] the predictor's label of each final image
     skipped: torch.Tensor         # [B] guidance steps skipped for a non-finite gradient
-    guidance_ratio: list = field(default_factory=list)  # per guided step: mean ||w sqrt(1-abar) grad|| / ||eps||
+    guidance_ratio: list = field(default_factory=list)  # per guided step: mean ||w b_t grad|| / ||eps||
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -522,21 +537,21 @@ def image_signal(head, preprocess, kind):
     return lambda x: longtail_signal(head(head_input(head, preprocess, (x + 1) / 2)), kind)
 
 
-def longtail_gradient(denoiser, signal_fn, z, t, abar_t, through_unet):
-    """eps and grad_{z_t} f_lt(D(zhat0)) [B, c, h, w]. With eps held constant (default),
-    grad_{z_t} = grad_{zhat0} / sqrt(abar_t); through_unet backpropagates through eps_theta too."""
+def longtail_gradient(denoiser, signal_fn, z, step, through_unet):
+    """eps and grad_{z_t} f_lt(D(zhat0)) [B, ...] at a PathStep with a_t > 0. With eps held constant (default),
+    grad_{z_t} = grad_{zhat0} / a_t; through_unet backpropagates through the network too."""
+    convert = lambda z, out: epsilon_and_clean_latent(z, out, denoiser.prediction, step.a_t, step.b_t)  # noqa: E731
     with torch.enable_grad():
         if through_unet:
             z = z.detach().requires_grad_()
-            eps = denoiser.noise(z, t)
-            zhat0 = predict_clean_latent(z, eps, abar_t)                           # Eqn 8
+            eps, zhat0 = convert(z, denoiser.predict(z, step.t))                             # Eqn 8
             grad, = torch.autograd.grad(signal_fn(denoiser.guidance_decode(zhat0)).sum(), z)
             return eps.detach(), grad
         with torch.no_grad():
-            eps = denoiser.noise(z, t)
-        zhat0 = predict_clean_latent(z, eps, abar_t).requires_grad_()            # Eqn 8
+            eps, zhat0 = convert(z, denoiser.predict(z, step.t))                             # Eqn 8
+        zhat0.requires_grad_()
         grad, = torch.autograd.grad(signal_fn(denoiser.guidance_decode(zhat0)).sum(), zhat0)
-        return eps, grad / math.sqrt(abar_t)
+        return eps, grad / step.a_t
 
 
 def _per_sample_norm(u):
@@ -549,55 +564,58 @@ def rescale_gradient(grad, eps, b_t):
     return grad * _per_sample_norm(eps) / (b_t * _per_sample_norm(grad) + 1e-12)
 
 
-def sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast=None, progress=True):
-    """Algorithm 1 from z_T [B, c, h, w] to z_0; returns (z_0, skipped [B], guidance ratios).
+def sample_longtail_ddim(denoiser, z, signal_fn, guidance, autocast=None, progress=True):
+    """Algorithm 1 from z_T [B, ...] to z_0 over the denoiser's scheduler's steps (set_timesteps done); returns
+    (z_0, skipped [B], guidance ratios). A step at a_t = 0 (rectified flow's sigma = 1) is never guided.
     The bookkeeping stays on z's device and is read once at the end: no host sync inside the loop."""
     skipped = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     ratios = []
-    steps = scheduler.timesteps
+    steps = path_steps(denoiser.scheduler)
     amp = torch.autocast(z.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
-    for i, t in enumerate(tqdm(steps, desc="LTG sampling", disable=not progress, leave=False)):
-        abar_t, abar_prev = ddim_alphas(scheduler, t)
-        if guidance.guides(i, len(steps)):
+    for i, step in enumerate(tqdm(steps, desc="LTG sampling", disable=not progress, leave=False)):
+        z0, w = None, guidance.w
+        if guidance.guides(i, len(steps)) and step.a_t > 0:
             with amp:
-                eps, grad = longtail_gradient(denoiser, signal_fn, z, t, abar_t, guidance.through_unet)
+                eps, grad = longtail_gradient(denoiser, signal_fn, z, step, guidance.through_unet)
             eps, grad = eps.to(z.dtype), grad.to(z.dtype)
             finite = torch.isfinite(grad).flatten(1).all(dim=1)                   # [B]
             skipped += ~finite
             grad = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), grad, 0.0)
             if guidance.rescale:
-                grad = rescale_gradient(grad, eps, math.sqrt(1 - abar_t))
-            term = guidance.w * math.sqrt(1 - abar_t) * _per_sample_norm(grad)
+                grad = rescale_gradient(grad, eps, step.b_t)
+            term = guidance.w * step.b_t * _per_sample_norm(grad)
             ratios.append((term / _per_sample_norm(eps)).mean())
         else:
             with torch.no_grad(), amp:
-                eps = denoiser.noise(z, t).to(z.dtype)
+                eps, zhat0 = epsilon_and_clean_latent(z, denoiser.predict(z, step.t).to(z.dtype), denoiser.prediction,
+                                                      step.a_t, step.b_t)
             grad = torch.zeros_like(z)
-        z = guided_ddim_step(z, eps, grad, abar_t, abar_prev, guidance.w)       # Eqns 11 + 8 + 7
+            if step.a_t == 0:
+                z0, w = zhat0, 0.0
+        z = gaussian_path_step(z, eps, grad, step.a_t, step.b_t, step.a_prev, step.b_prev, w, z0=z0)  # Eqns 11+8+7
     return z, skipped.cpu(), torch.stack(ratios).tolist() if ratios else []
 
 
 @torch.no_grad()
-def sample(denoiser, scheduler, head, generators, guidance=Guidance(), preprocess=None, num_inference_steps=50,
-           autocast=None, progress=True):
-    """Algorithm 1 end to end: z_T from one generator per image, guided DDIM, x = D(z_0).
+def sample(denoiser, head, generators, guidance=Guidance(), preprocess=None, num_inference_steps=50, autocast=None,
+           progress=True):
+    """Algorithm 1 end to end: z_T from one generator per image, guided steps, x = D(z_0).
 
-    head: an EpistemicHead (used in eval mode); preprocess: images in [0, 1] -> the predictor's
-    input, with differentiable ops (e.g. predictor_preprocess(); default: none). z and the DDIM math
-    are float32; the UNet, the decoders and the head each run in their own dtype, so a float16 or
-    bfloat16 pipeline needs no autocast.
+    denoiser: a Denoiser (families.py); head: an EpistemicHead (used in eval mode); preprocess: images in
+    [0, 1] -> the predictor's input, with differentiable ops (e.g. predictor_preprocess(); default: none).
+    z and the path math are float32; the network, the decoders and the head each run in their own dtype, so
+    a float16 or bfloat16 pipeline needs no autocast.
     """
-    check_scheduler(scheduler)
+    check_scheduler(denoiser.scheduler, denoiser.prediction)
     preprocess = preprocess or (lambda x: x)
     device = next(head.parameters()).device
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    shape = (len(generators), *denoiser.latent_shape)
-    z = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+    denoiser.set_timesteps(num_inference_steps, device)
+    z = denoiser.initial_latent(generators, device)                             # z_T [B, ...]
     was_training = head.training
     head.eval()
     try:
         signal_fn = image_signal(head, preprocess, guidance.signal)
-        z0, skipped, ratios = sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast, progress)
+        z0, skipped, ratios = sample_longtail_ddim(denoiser, z, signal_fn, guidance, autocast, progress)
         images = (denoiser.decode(z0).float() / 2 + 0.5).clamp(0, 1)            # [B, C, H, W]
         h, mu = head.features_and_logits(head_input(head, preprocess, images))
         signals = longtail_signals_by_kind(head.head_logits(h, mu))
@@ -606,25 +624,19 @@ def sample(denoiser, scheduler, head, generators, guidance=Guidance(), preproces
     return LTGOutput(images, signals[guidance.signal], signals, mu.argmax(dim=1), skipped, ratios)
 
 
-def load_stable_diffusion(path_or_id="CompVis/stable-diffusion-v1-4", device="cpu", dtype=torch.float32):
-    """A diffusers StableDiffusionPipeline with a DDIMScheduler from a local folder or hub id."""
-    pipe = StableDiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def sample_stable_diffusion(pipe, head, prompts, seeds, guidance=Guidance(), guidance_scale=7.5,
-                            negative_prompt=None, guidance_decoder=None, checkpoint_decoder=False, **kwargs):
-    """Longtail-guided images from a Stable Diffusion pipeline, one prompt and one seed per image.
-    kwargs go to `sample` (preprocess, num_inference_steps, autocast, progress)."""
+def sample_pipeline(pipe, head, prompts, seeds, guidance=Guidance(), guidance_scale=None, num_inference_steps=None,
+                    negative_prompt=None, guidance_decoder=None, checkpoint_decoder=False, resolution=None, **kwargs):
+    """Longtail-guided images from a diffusers text-to-image pipeline of any supported family (load_pipeline),
+    one prompt and one seed per image. guidance_scale and num_inference_steps default to the family's,
+    resolution to the pipeline's native one; kwargs go to `sample` (preprocess, autocast, progress)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"ltg: one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-    denoiser = StableDiffusionDenoiser(pipe, list(prompts), guidance_scale, negative_prompt, guidance_decoder,
-                                       checkpoint_decoder)
+    denoiser = denoiser_for(pipe, prompts, guidance_scale, negative_prompt=negative_prompt,
+                            guidance_decoder=guidance_decoder, checkpoint_decoder=checkpoint_decoder,
+                            resolution=resolution)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return sample(denoiser, pipe.scheduler, head, generators, guidance, **kwargs)
+    steps = num_inference_steps or family_defaults(pipe)[0]
+    return sample(denoiser, head, generators, guidance, num_inference_steps=steps, **kwargs)
 
 
 def sample_class_conditional(unet, scheduler, head, labels, seeds, guidance=Guidance(), guidance_scale=1.0,
@@ -633,6 +645,6 @@ def sample_class_conditional(unet, scheduler, head, labels, seeds, guidance=Guid
     if len(labels) != len(seeds):
         raise ValueError(f"ltg: one seed per label: got {len(labels)} labels and {len(seeds)} seeds")
     labels = torch.as_tensor(labels, device=unet.device)
-    denoiser = ClassConditionalDenoiser(unet, labels, guidance_scale)
+    denoiser = ClassConditionalDenoiser(unet, scheduler, labels, guidance_scale)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return sample(denoiser, scheduler, head, generators, guidance, **kwargs)
+    return sample(denoiser, head, generators, guidance, **kwargs)

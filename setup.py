@@ -58,7 +58,10 @@ setup(
     name="ltg",
     version="0.1.0",
     description="Longtail Guidance: diffusion guidance by predictive uncertainty, with fused kernels",
-    py_modules=["ltg"],
+    py_modules=["ltg", "families"],
+    # What `import ltg` needs, so that installing ltg into a project brings it; requirements.txt pins the
+    # versions CI tests (the reproducible path).
+    install_requires=["torch>=2.4", "diffusers>=0.42", "transformers>=4.46", "numpy>=1.24", "tqdm>=4.64"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",

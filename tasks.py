@@ -19,11 +19,12 @@ from sklearn.model_selection import train_test_split
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from diffusers import AutoencoderTiny, DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 from huggingface_hub import constants as hub
 from torchvision import datasets, models
 from torchvision.transforms import v2
 
+import families
 import livt
 import ltg
 
@@ -293,17 +294,33 @@ def load_from(flag, path_or_id, load, hint=""):
 
 
 def load_diffusion(args, device):
-    """(model, scheduler, guidance decoder): the digits UNet and its scheduler, or a Stable Diffusion pipeline
-    (its own scheduler) and the optional cheaper decoder for the guidance pass."""
+    """(model, scheduler, guidance decoder): the digits UNet and its scheduler, or a diffusers text-to-image pipeline
+    of any supported family (its own scheduler; on a GPU in the family's dtype) and the optional cheaper decoder
+    for the guidance pass."""
     if args.dataset == "digits":
         unet = load_from("--diffusion", args.diffusion, UNet2DModel.from_pretrained,
                          hint="; retrain it with python assets/train_digits_unet.py").to(device).eval()
         return unet, DDIMScheduler.from_pretrained(args.diffusion), None
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    decoder = (load_from("--guidance-decoder", args.guidance_decoder,
-                         lambda p: AutoencoderTiny.from_pretrained(p, dtype=dtype)).to(device).eval()
-               if args.guidance_decoder else None)
-    return load_from("--diffusion", args.diffusion, lambda p: ltg.load_stable_diffusion(p, device, dtype)), None, decoder
+    family = load_from("--diffusion", args.diffusion, families.family_of)
+    if args.guidance_decoder:
+        guidance_decoder_check(args, lambda: families.check_tiny_decoder_id(family, args.guidance_decoder))
+    dtype = family.cuda_dtype if device.type == "cuda" else torch.float32
+    pipe = load_from("--diffusion", args.diffusion, lambda p: families.load_pipeline(p, device, dtype))
+    if not args.guidance_decoder:
+        return pipe, None, None
+    decoder = load_from("--guidance-decoder", args.guidance_decoder,
+                        lambda p: families.load_guidance_decoder(p, device, dtype))
+    guidance_decoder_check(args, lambda: families.check_guidance_decoder(pipe.vae, decoder))
+    return pipe, None, decoder
+
+
+def guidance_decoder_check(args, check):
+    """check(), its ValueError as a one-line TaskError naming --guidance-decoder once."""
+    try:
+        check()
+    except ValueError as e:
+        message = str(e).removeprefix("ltg: ").removeprefix(f"{args.guidance_decoder} ")
+        raise TaskError(f"--guidance-decoder {args.guidance_decoder}: {message}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import families
 import introspect
 import ltg
 import tasks
@@ -21,9 +22,9 @@ from run_folder import RunFolder, RunFolderError, read_json, read_run_checkpoint
 # Flags left unset take these per-dataset values: the paper's for its datasets; for digits, values
 # that fit the whole cycle in a minute or two on 2 CPU cores.
 RESNET = dict(lr=1e-3, loss="ce", smoothing=0.0, mixup=False, augment="paper", optimizer="adam", drop_path=0.0)
-PAPER = RESNET | dict(arch="resnet50", pretrain_epochs=100, epochs=100, batch_size=64, synthetic=20.0, steps=50,
-                      guidance_scale=7.5, guidance_weight=0.1, gen_batch=8, workers=8,
-                      diffusion="CompVis/stable-diffusion-v1-4")
+# Steps and guidance scale are the --diffusion family's (families.family_defaults).
+PAPER = RESNET | dict(arch="resnet50", pretrain_epochs=100, epochs=100, batch_size=64, synthetic=20.0,
+                      guidance_weight=0.1, gen_batch=8, workers=8, diffusion="CompVis/stable-diffusion-v1-4")
 # ImageNet-LT: LiVT's recipe (livt.py): an MAE-pretrained ViT-B/16 (--init-from), balanced BCE, AdamW with layer
 # decay, RandAugment, mixup/cutmix; lr 8e-3 is LiVT's 1e-3 x global batch 2048 / 256 (256 per GPU on 8 GPUs).
 LIVT = dict(arch="vit_base_patch16_224", batch_size=256, lr=8e-3, loss="bal-bce", smoothing=0.1, mixup=True,
@@ -130,8 +131,13 @@ def add_generation_flags(p):
                         "(default: 20, pets 30, digits %s)" % DEFAULTS["digits"]["synthetic"])
     g.add_argument("--gen-epochs", help="fine-tuning epochs that start with a generation round, comma-separated; "
                                         "equal shares of the budget (default: every 5 epochs from 0)")
-    g.add_argument("--steps", type=int, help="DDIM steps " + per_dataset("steps"))
-    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance " + per_dataset("guidance_scale"))
+    by_family = "(default: digits %s; else the --diffusion family's, as README's table lists)"
+    g.add_argument("--steps", type=int, help="sampler steps " + by_family % DEFAULTS["digits"]["steps"])
+    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance, FLUX's guidance embedding "
+                                                        + by_family % DEFAULTS["digits"]["guidance_scale"])
+    g.add_argument("--resolution", type=int,
+                   help="side of the generated images (default: the --diffusion pipeline's native one, e.g. SD 1.4 "
+                        "512, SDXL and FLUX 1024)")
     g.add_argument("--gen-batch", type=int, help="images per generation batch " + per_dataset("gen_batch"))
     g = p.add_argument_group("guidance (Algorithm 1)")
     g.add_argument("--guidance-weight", type=float,
@@ -143,8 +149,8 @@ def add_generation_flags(p):
     g.add_argument("--guide-every", type=int, default=1,
                    help="guide every k-th DDIM step (ltg.Guidance(every=k)); 2 about halves guidance's cost")
     g.add_argument("--guidance-decoder", metavar="PATH_OR_ID",
-                   help="a cheaper VAE decoder for the guidance pass only, e.g. madebyollin/taesd (a diffusers "
-                        "AutoencoderTiny); Stable Diffusion only")
+                   help="a cheaper decoder for the guidance pass only, the family's diffusers AutoencoderTiny: "
+                        "madebyollin/taesd (SD 1.x/2.x), taesdxl, taesd3, taef1 (FLUX)")
     g = p.add_argument_group("introspection (introspect.py)")
     g.add_argument("--refined-prompts", metavar="FILE",
                    help="JSON {class name: [prompt, ...]} (introspect.py summarise writes it): generate with these "
@@ -240,7 +246,7 @@ def check_args(parser, args):
     if not (math.isfinite(args.synthetic) and args.synthetic >= 0):
         parser.error(f"--synthetic {args.synthetic}: must be >= 0 (0 = real-only baseline)")
     for flag in ("epochs", "batch_size", "steps", "gen_batch", "head_samples", "threads", "guide_every"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     for flag in ("pretrain_epochs", "workers"):
         if getattr(args, flag) < 0:
@@ -263,6 +269,23 @@ def check_args(parser, args):
         parser.error("--device cuda: no CUDA GPU is visible here; use --device cpu (or auto)")
     args.rounds = generation_epochs(parser, args)
     check_introspection_args(parser, args)
+    check_generation_args(parser, args)
+
+
+def take_family_defaults(args, pipe):
+    """--steps and --guidance-scale left unset take the loaded pipeline family's (families.family_defaults)."""
+    steps, scale = families.family_defaults(pipe)
+    args.steps = steps if args.steps is None else args.steps
+    args.guidance_scale = scale if args.guidance_scale is None else args.guidance_scale
+
+
+def check_generation_args(parser, args):
+    """--resolution is a text-to-image pipeline's; steps and guidance scale left unset are the family's
+    (train_loop takes them from the pipeline it loads, families.family_defaults)."""
+    if args.resolution is not None and args.dataset == "digits":
+        parser.error("--resolution is for a text-to-image --diffusion (a paper dataset); the digits model makes 8x8")
+    if args.resolution is not None and (args.resolution < 16 or args.resolution % 16):
+        parser.error(f"--resolution {args.resolution}: must be a positive multiple of 16 (e.g. 512, 1024)")
 
 
 def check_out(parser, args):

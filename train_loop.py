@@ -129,6 +129,8 @@ def open_run(args):
     C = len(task.classes)
     head = tasks.build_head(args, C, 1 if task.mode == "L" else 3).to(device)
     diffusion = tasks.load_diffusion(args, device) if args.rounds else None
+    if diffusion is not None and task.prompt is not None:
+        train_flags.take_family_defaults(args, diffusion[0])
     folder = RunFolder(args.out)
     state = start_state(args, folder, head, C, device)
     epochs = [Epoch(e, "pretrain", e, args.pretrain_epochs) for e in range(args.pretrain_epochs)]
@@ -300,10 +302,8 @@ def sample_batch(args, task, diffusion, head, labels, prompts, seeds, guidance, 
     kwargs = dict(preprocess=task.preprocess, num_inference_steps=steps or args.steps, progress=False)
     if task.prompt is None:
         return ltg.sample_class_conditional(model, scheduler, head, labels, seeds, guidance, args.guidance_scale, **kwargs)
-    device = next(head.parameters()).device
-    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        return ltg.sample_stable_diffusion(model, head, prompts, seeds, guidance, args.guidance_scale,
-                                           guidance_decoder=guidance_decoder, **kwargs)
+    return ltg.sample_pipeline(model, head, prompts, seeds, guidance, args.guidance_scale,
+                               guidance_decoder=guidance_decoder, resolution=args.resolution, **kwargs)
 
 
 def generate_round(args, task, diffusion, head, folder, rnd, count, rank=0, world=1):
@@ -422,9 +422,10 @@ def print_plan(run):
     total = (images * gen + trained * train) / run.world
     print(f"plan: {args.dataset}, {len(run.task.classes)} classes, {len(run.task.train)} real training images; "
           f"{sum(e.phase == 'pretrain' for e in remaining)} pretraining and "
-          f"{sum(e.phase == 'finetune' for e in remaining)} fine-tuning epochs to go; generation rounds at fine-tuning "
-          f"epochs {[e for _, e in rounds]} with {[run.sizes[r] for r, _ in rounds]} images (w {args.guidance_weight:g}, "
-          f"{args.steps} steps, {args.diffusion})\n"
+          f"{sum(e.phase == 'finetune' for e in remaining)} fine-tuning epochs to go; "
+          + (f"generation rounds at fine-tuning epochs {[e for _, e in rounds]} with {[run.sizes[r] for r, _ in rounds]} "
+             f"images (w {args.guidance_weight:g}, {args.steps} steps, guidance scale {args.guidance_scale:g}, "
+             f"{args.diffusion})\n" if rounds else "no generation rounds\n") +
           f"estimate on {run.device.type} x {run.world}: {duration(total)} "
           f"(generation {duration(images * gen / run.world)}, "
           f"training {duration(trained * train / run.world)}; from one timed step of each, evaluation not counted)",

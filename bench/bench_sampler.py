@@ -6,8 +6,8 @@ Builds the SD 1.4 architecture with random weights (tests/tiny_sd.py; or loads r
 
   - the unguided DDIM step and the LTG step (ltg.sample_longtail_ddim over a 2-step schedule, per step);
   - the LTG step's parts, each timed alone by calling the ltg functions the sampler calls
-    (cfg_unet, clean_estimate, decode_forward, predictor_forward_backward, decode_backward,
-    fused_update), and the whole step over their sum;
+    (network: the UNet or transformer with its classifier-free pair; clean_estimate, decode_forward,
+    predictor_forward_backward, decode_backward, fused_update), and the whole step over their sum;
   - the peak GPU memory of unguided and of LTG sampling;
   - images/s of an unguided and of a guided image of --steps steps (ltg.sample end to end, one timed run)
     and how many of its steps were guided;
@@ -25,8 +25,19 @@ Prints the tables and the targets (pass/fail), and writes JSON (default
 bench/results/sampler-<device>.json). --quick runs on one CPU thread: on a small shared machine two
 OpenMP threads stall each other and the timings swing by seconds.
 
+Model families at native resolution (--size sdxl, sd35, flux, comma-separated; sd14 joins them when listed
+with one of them): each family's published pipeline (SDXL base 1.0, SD 3.5 Large, FLUX.1-dev, SD 1.4) built
+from its configs, without text encoders (their outputs are stand-in tensors of the published shapes), in the
+family's GPU dtype, with the full VAE or the family's tiny autoencoder as the guidance decoder (options
+baseline, tiny_decoder, checkpoint_decoder, every2). Counts per part as above, parameter memory, and the FLOPs
+of an LTG image over an unguided one at the family's default steps; on a CPU, or with --count-only, every
+module is built on the meta device (shapes, no memory: counts only). With --device cuda and no --count-only
+the modules get random weights on the GPU and are timed as SD 1.4 is (default JSON:
+bench/results/families-<device>.json).
+
     python bench/bench_sampler.py --device cuda --size sd14 --batch-sizes 1,4,8
     python bench/bench_sampler.py --device cpu --size tiny --quick          # the CI smoke run
+    python bench/bench_sampler.py --device cpu --size sd14,sdxl,sd35,flux   # counts of every family, seconds
 """
 
 import argparse
@@ -34,27 +45,42 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
-import math
 import os
 import sys
 import tempfile
 
 import diffusers
 import torch
+import torch.nn.functional as F
 import torchvision
-from diffusers import AutoencoderTiny, DDIMScheduler
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import families
 import ltg
 from timing import time_ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # tiny_sd.py builds the random SD-shaped pipelines
-from tiny_sd import SD14, TINY, build_sd  # noqa: E402
+from tiny_sd import SD14, SD14_SCHEDULER, TINY, build_sd  # noqa: E402
 
 # tiny is a smoke-test size: a ResNet-18 at 32 px keeps the CPU run short; sd14 is what the paper runs.
 SIZES = {"tiny": dict(pipeline=TINY, predictor="resnet18", predictor_px=32),
@@ -62,7 +88,7 @@ SIZES = {"tiny": dict(pipeline=TINY, predictor="resnet18", predictor_px=32),
 FEATURES = ("bf16", "channels_last", "classic_attention", "compile", "checkpoint_decoder", "tiny_decoder", "every2")
 DEFAULT_OPTIONS = ("baseline", "bf16", "channels_last", "classic_attention", "compile", "checkpoint_decoder",
                    "tiny_decoder", "every2", "tiny_decoder+every2", "bf16+tiny_decoder+every2")
-PARTS = ("cfg_unet", "clean_estimate", "decode_forward", "predictor_forward_backward", "decode_backward",
+PARTS = ("network", "clean_estimate", "decode_forward", "predictor_forward_backward", "decode_backward",
          "fused_update")
 # --quick only checks that everything runs: torch.compile's "eager" backend captures graphs without
 # generating code (inductor takes minutes on a small CPU).
@@ -101,15 +127,16 @@ def epistemic_head(architecture, device):
     return ltg.EpistemicHead(predictor).to(device).eval()
 
 
-def tiny_decoder(device):
-    """diffusers' AutoencoderTiny with its default (TAESD) config and random weights."""
+def tiny_decoder(device, latent_channels=4, dtype=torch.float32):
+    """diffusers' AutoencoderTiny with its default (TAESD) config but `latent_channels` (TAESD and TAESDXL: 4,
+    TAESD3 and TAEF1: 16), random weights."""
     torch.manual_seed(0)
-    return AutoencoderTiny().to(device).eval()
+    return AutoencoderTiny(latent_channels=latent_channels).to(device, dtype).eval()
 
 
 def load_option(path, size, device, features):
     """A fresh pipeline, head and guidance decoder with `features` applied (all but compile)."""
-    pipe = ltg.load_stable_diffusion(path, device)
+    pipe = ltg.load_pipeline(path, device)
     head = epistemic_head(SIZES[size]["predictor"], device)
     decoder = tiny_decoder(device) if "tiny_decoder" in features else None
     processor = AttnProcessor() if "classic_attention" in features else AttnProcessor2_0()
@@ -140,23 +167,148 @@ def amp(device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# Model families at native resolution: the published architectures, built from their configs
+# ---------------------------------------------------------------------------------------------
+
+# The KL autoencoder every family here shares (4 blocks, 8x down/up-sampling); they differ in latent channels,
+# scaling and shift, and the 16-channel ones drop the 1x1 quant convs.
+KL_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+              norm_num_groups=32)
+# CompVis/stable-diffusion-v1-4 (tests/tiny_sd.py's SD14 sizes, as --size sd14 builds it): 512 px, latents
+# [B, 4, 64, 64], CLIP ViT-L text [B, 77, 768].
+SD14_UNET = dict(in_channels=4, out_channels=4, cross_attention_dim=SD14["text"][0], norm_num_groups=32, **SD14["unet"])
+SD14_VAE = dict(KL_VAE, latent_channels=4, scaling_factor=0.18215, sample_size=SD14["vae"]["sample_size"])
+# stabilityai/stable-diffusion-xl-base-1.0, unet/ vae/ scheduler/ config.json: 1024 px, latents [B, 4, 128, 128].
+# Its scheduler config is an EulerDiscreteScheduler's; families.load_pipeline makes a DDIMScheduler of it.
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 cross_attention_dim=2048, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+SDXL_VAE = dict(KL_VAE, latent_channels=4, scaling_factor=0.13025, sample_size=1024, force_upcast=True)
+SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      steps_offset=1, timestep_spacing="leading", prediction_type="epsilon", set_alpha_to_one=False,
+                      clip_sample=False)
+# stabilityai/stable-diffusion-3.5-large, transformer/ vae/ scheduler/ config.json: 1024 px, latents [B, 16, 128, 128],
+# 64 x 64 patches of 2 x 2; joint text (CLIP-L + CLIP-G, T5-XXL) [B, 77 + 256, 4096], pooled [B, 2048].
+SD35_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                        attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                        caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                        qk_norm="rms_norm")
+SD35_VAE = dict(KL_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
+                use_quant_conv=False, use_post_quant_conv=False)
+SD35_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+# black-forest-labs/FLUX.1-dev, transformer/ vae/ scheduler/ config.json: 1024 px, latents [B, 16, 128, 128] packed
+# into 2 x 2 patches [B, 4096, 64]; T5-XXL text [B, 512, 4096], CLIP pooled [B, 768]; 19 double + 38 single blocks.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(KL_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024,
+                use_quant_conv=False, use_post_quant_conv=False)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A family's published pipeline without its text encoders: network, VAE and scheduler from the configs of
+    hub repo `repo`; the latent channels of its tiny autoencoder; the shapes of what its text encoders give
+    pipe.encode_prompt, in order ('B': one row per prompt); extra pipeline arguments; the VAE's dtype when it is
+    not the family's (families.load_pipeline runs SDXL's in float32: force_upcast)."""
+    repo: str
+    pipeline: type
+    network: type
+    network_config: dict
+    vae_config: dict
+    scheduler: type
+    scheduler_config: dict
+    tiny_latent_channels: int
+    text_outputs: tuple
+    pipeline_kwargs: dict = dataclasses.field(default_factory=dict)
+    vae_dtype: torch.dtype = None
+
+
+FAMILY_SIZES = {
+    "sd14": Architecture("CompVis/stable-diffusion-v1-4", StableDiffusionPipeline, UNet2DConditionModel, SD14_UNET,
+                         SD14_VAE, DDIMScheduler, SD14_SCHEDULER, 4,
+                         (("B", 77, 768), ("B", 77, 768)),                       # text, negative text
+                         dict(requires_safety_checker=False)),
+    "sdxl": Architecture("stabilityai/stable-diffusion-xl-base-1.0", StableDiffusionXLPipeline, UNet2DConditionModel,
+                         SDXL_UNET, SDXL_VAE, DDIMScheduler, SDXL_SCHEDULER, 4,
+                         (("B", 77, 2048), ("B", 77, 2048), ("B", 1280), ("B", 1280)),  # text, negative, pooled ones
+                         dict(add_watermarker=False), vae_dtype=torch.float32),
+    "sd35": Architecture("stabilityai/stable-diffusion-3.5-large", StableDiffusion3Pipeline, SD3Transformer2DModel,
+                         SD35_TRANSFORMER, SD35_VAE, FlowMatchEulerDiscreteScheduler, SD35_SCHEDULER, 16,
+                         (("B", 333, 4096), ("B", 333, 4096), ("B", 2048), ("B", 2048))),  # text, negative, pooled ones
+    "flux": Architecture("black-forest-labs/FLUX.1-dev", FluxPipeline, FluxTransformer2DModel, FLUX_TRANSFORMER,
+                         FLUX_VAE, FlowMatchEulerDiscreteScheduler, FLUX_SCHEDULER, 16,
+                         (("B", 512, 4096), ("B", 768), (512, 3))),              # T5 text, CLIP pooled, text ids
+}
+FAMILY_FEATURES = ("tiny_decoder", "checkpoint_decoder", "every2")   # the options that apply to any family
+FAMILY_OPTIONS = ("baseline", "tiny_decoder")
+FAMILY_PREDICTOR = SIZES["sd14"]                                      # ResNet-50 at 224 px, as at SD 1.4
+
+
+def family(architecture):
+    return families.FAMILIES[architecture.pipeline.__name__]
+
+
+def network_name(pipeline):
+    """The pipeline's denoising network: 'unet' or 'transformer'."""
+    return "unet" if "unet" in inspect.signature(pipeline).parameters else "transformer"
+
+
+def text_encoder_stand_in(shapes, dtype, device):
+    """pipe.encode_prompt without text encoders: zeros of the shapes the family's encoders give."""
+    def encode_prompt(*args, **kwargs):
+        batch = len(kwargs["prompt"] if "prompt" in kwargs else args[0])
+        return tuple(torch.zeros([batch if d == "B" else d for d in shape], dtype=dtype, device=device)
+                     for shape in shapes)
+    return encode_prompt
+
+
+def family_pipeline(architecture, device):
+    """The family's diffusers pipeline with its network and VAE built from their configs on `device` (meta: shapes
+    only, no memory; otherwise random weights) in the family's GPU dtype, without text encoders, tokenizers or
+    safety checker: encode_prompt returns stand-ins, from which the family's adapter builds its conditioning."""
+    dtype = family(architecture).cuda_dtype
+    with torch.device(device):
+        network = architecture.network(**architecture.network_config).to(dtype)
+        vae = AutoencoderKL(**architecture.vae_config).to(architecture.vae_dtype or dtype)
+    given = {network_name(architecture.pipeline): network, "vae": vae,
+             "scheduler": architecture.scheduler(**architecture.scheduler_config), **architecture.pipeline_kwargs}
+    absent = {name: None for name, p in inspect.signature(architecture.pipeline).parameters.items()
+              if p.default is p.empty and name not in given}
+    pipe = architecture.pipeline(**given, **absent)
+    pipe.encode_prompt = text_encoder_stand_in(architecture.text_outputs, dtype, device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
 # The parts of one guided step, and the whole step and image as the sampler runs them
 # ---------------------------------------------------------------------------------------------
 
-def step_parts(denoiser, signal_fn, z, t, abar_t, abar_prev, autocast):
-    """Yield (part, fn) in the order ltg.longtail_gradient and ltg.sample_longtail_ddim run them;
+def step_parts(denoiser, signal_fn, z, step, autocast):
+    """Yield (part, fn) at ltg.PathStep `step` in the order ltg.longtail_gradient and ltg.sample_longtail_ddim run them;
     fn repeats that part alone on inputs the earlier parts computed once, so consume them in order.
     The decoder's graph is kept (for decode_backward) until the generator is exhausted."""
     device = z.device
 
-    def cfg_unet():
+    def network():
         with torch.no_grad(), amp(device, autocast):
-            return denoiser.noise(z, t)
+            return denoiser.predict(z, step.t)
 
-    yield "cfg_unet", cfg_unet
-    eps = cfg_unet()                                      # [B, 4, h, w], like z
-    yield "clean_estimate", lambda: ltg.predict_clean_latent(z, eps, abar_t)
-    zhat0 = ltg.predict_clean_latent(z, eps, abar_t).requires_grad_()   # Eqn 8, [B, 4, h, w]
+    def clean_estimate():
+        return ltg.epsilon_and_clean_latent(z, output, denoiser.prediction, step.a_t, step.b_t)
+
+    yield "network", network
+    output = network()                                    # like z: [B, c, h, w] (FLUX: packed [B, hw/4, 64])
+    yield "clean_estimate", clean_estimate
+    eps, zhat0 = clean_estimate()                         # Eqn 8, like z
+    zhat0.requires_grad_()
 
     def decode_forward():
         with torch.enable_grad(), amp(device, autocast):
@@ -178,9 +330,11 @@ def step_parts(denoiser, signal_fn, z, t, abar_t, abar_prev, autocast):
             return torch.autograd.grad(x, zhat0, grad_x, retain_graph=True)[0]
 
     yield "decode_backward", decode_backward
-    grad = (decode_backward() / math.sqrt(abar_t)).to(z.dtype)       # grad_{z_t}, [B, 4, h, w]
+    grad = (decode_backward() / step.a_t).to(z.dtype)    # grad_{z_t}, like z
     eps = eps.to(z.dtype)
-    yield "fused_update", lambda: ltg.guided_ddim_step(z, eps, grad, abar_t, abar_prev, WEIGHT)
+    fused = False if z.is_meta else None                 # the _ltg kernels have no meta implementation
+    yield "fused_update", lambda: ltg.gaussian_path_step(z, eps, grad, step.a_t, step.b_t, step.a_prev, step.b_prev,
+                                                         WEIGHT, fused=fused)
 
 
 class OpTraffic(TorchDispatchMode):
@@ -208,69 +362,111 @@ CPU_ATTENTION_FLOPS = {
         lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v)}
 
 
+def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention as the fused kernel SDPA runs on a CPU: [B, h, L, d] -> [B, h, L, d]."""
+    if enable_gqa:
+        raise NotImplementedError("bench: grouped-query attention is not counted")
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                      attn_mask=attn_mask, scale=scale)[0]
+
+
+class FusedAttentionOnMeta(TorchFunctionMode):
+    """On meta tensors SDPA falls back to its math decomposition: the same FLOPs, but it materialises the
+    [L, L] attention matrix (traffic, saved for backward), which no fused kernel does on a CPU or a GPU.
+    This mode runs SDPA on meta tensors as the CPU's fused kernel (its backward saves q, k, v, the output and
+    the log-sum-exp, as flash attention does on a GPU); other tensors are left alone."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        query = args[0] if args else kwargs.get("query")
+        if func is F.scaled_dot_product_attention and query.is_meta:
+            return fused_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def count_part(fn):
     """GFLOP (matmuls, convolutions, attention: torch.utils.flop_counter), eager traffic in MB, and
-    MB of tensors saved for backward, of one call of fn."""
+    MB of tensors saved for backward, of one call of fn. Shape-based, so meta tensors count as real ones."""
     saved = {}
 
-    def pack(u):
-        saved[(u.untyped_storage().data_ptr(), u.storage_offset(), u.shape)] = u.numel() * u.element_size()
+    def pack(u):  # keyed by the storage's identity: meta tensors have no data pointer
+        saved[(u.untyped_storage()._cdata, u.storage_offset(), u.shape)] = u.numel() * u.element_size()
         return u
 
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as flops, OpTraffic() as traffic, \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda u: u):
+    with FusedAttentionOnMeta(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as flops, \
+            OpTraffic() as traffic, torch.autograd.graph.saved_tensors_hooks(pack, lambda u: u):
         fn()
     return {"gflop": flops.get_total_flops() / 1e9, "traffic_mb": traffic.bytes / 1e6,
             "saved_mb": sum(saved.values()) / 1e6}
 
 
-def step_loop(denoiser, scheduler, z, signal_fn, guidance, autocast):
-    """One call of the sampler's loop (Algorithm 1) over `scheduler`'s timesteps."""
-    return lambda: ltg.sample_longtail_ddim(denoiser, scheduler, z, signal_fn, guidance, autocast, progress=False)
+def step_loop(denoiser, z, signal_fn, guidance, autocast):
+    """One call of the sampler's loop (Algorithm 1) over LOOP_STEPS steps."""
+    def loop():
+        denoiser.set_timesteps(LOOP_STEPS, z.device)
+        return ltg.sample_longtail_ddim(denoiser, z, signal_fn, guidance, autocast, progress=False)
+    return loop
 
 
-def image_run(denoiser, scheduler, head, preprocess, batch, guidance, autocast, steps):
+def image_run(denoiser, head, preprocess, batch, guidance, autocast, steps):
     """One call of ltg.sample: `batch` images of `steps` steps, final decode and head included."""
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-    return lambda: ltg.sample(denoiser, scheduler, head, generators, guidance, preprocess, steps, autocast,
-                              progress=False)
+    return lambda: ltg.sample(denoiser, head, generators, guidance, preprocess, steps, autocast, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
 
-class Case:
-    """One option at one batch size: the denoiser, inputs and callables every measurement shares."""
+def signal_function(head, preprocess):
+    """ltg.image_signal; for a head on the meta device with the pure-torch Eqn 4 (the fused kernels have no meta
+    implementation, and ltg picks them for any device but CUDA)."""
+    if next(head.parameters()).is_meta:
+        return lambda x: ltg.longtail_signal(head(ltg.head_input(head, preprocess, (x + 1) / 2)), "total", fused=False)
+    return ltg.image_signal(head, preprocess, "total")
 
-    def __init__(self, pipe, head, decoder, features, batch, size, steps):
+
+def schedule(denoiser, num_steps, device):
+    """ltg.path_steps of the denoiser's num_steps-step schedule, set as its pipeline sets it. A meta tensor holds no
+    values: on the meta device the schedule is computed on the CPU and only its timesteps t are moved to meta."""
+    denoiser.set_timesteps(num_steps, "cpu" if device.type == "meta" else device)
+    return [dataclasses.replace(step, t=step.t.to(device)) for step in ltg.path_steps(denoiser.scheduler)]
+
+
+class Case:
+    """One option at one batch size: the denoiser, inputs and callables every measurement shares.
+    guidance_scale: classifier-free guidance (None: the family's default)."""
+
+    def __init__(self, pipe, head, decoder, features, batch, steps, predictor_px, guidance_scale):
         device = pipe.device
         self.device, self.batch, self.steps, self.autocast = device, batch, steps, autocast_dtype(features)
         self.pipe, self.head = pipe, head
-        self.denoiser = ltg.StableDiffusionDenoiser(pipe, (PROMPTS * batch)[:batch], GUIDANCE_SCALE,
-                                                    guidance_decoder=decoder,
-                                                    checkpoint_decoder="checkpoint_decoder" in features)
-        self.preprocess = ltg.predictor_preprocess(SIZES[size]["predictor_px"])
-        self.signal_fn = ltg.image_signal(head, self.preprocess, "total")
+        self.denoiser = families.denoiser_for(pipe, (PROMPTS * batch)[:batch], guidance_scale, guidance_decoder=decoder,
+                                              checkpoint_decoder="checkpoint_decoder" in features)
+        self.preprocess = ltg.predictor_preprocess(predictor_px)
+        self.signal_fn = signal_function(head, self.preprocess)
         self.guidance = ltg.Guidance(w=WEIGHT, every=2 if "every2" in features else 1)
-        self.loop_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.loop_scheduler.set_timesteps(LOOP_STEPS, device=device)
-        torch.manual_seed(1)
-        self.z = torch.randn(batch, *self.denoiser.latent_shape, device=device)
+        self.z = self.denoiser.initial_latent([torch.Generator().manual_seed(1000 + i) for i in range(batch)], device)
 
     def parts(self):
-        scheduler = self.pipe.scheduler
-        scheduler.set_timesteps(self.steps, device=self.device)
-        t = scheduler.timesteps[len(scheduler.timesteps) // 2]
-        abar_t, abar_prev = ltg.ddim_alphas(scheduler, t)
-        return step_parts(self.denoiser, self.signal_fn, self.z, t, abar_t, abar_prev, self.autocast)
+        steps = schedule(self.denoiser, self.steps, self.device)
+        return step_parts(self.denoiser, self.signal_fn, self.z, steps[len(steps) // 2], self.autocast)
+
+    def guided_steps(self):
+        """How many of the image's steps the sampler guides (ltg.sample_longtail_ddim: never at a_t = 0)."""
+        steps = schedule(self.denoiser, self.steps, self.device)
+        return sum(self.guidance.guides(i, len(steps)) and step.a_t > 0 for i, step in enumerate(steps))
+
+    def final_decode(self):
+        """The image's last op, x = D(z_0) with the full decoder and no graph (as ltg.sample runs it)."""
+        with torch.no_grad():
+            return self.denoiser.decode(self.z)
 
     def step(self, guidance):
-        return step_loop(self.denoiser, self.loop_scheduler, self.z, self.signal_fn, guidance, self.autocast)
+        return step_loop(self.denoiser, self.z, self.signal_fn, guidance, self.autocast)
 
     def image(self, guidance, steps):
-        return image_run(self.denoiser, self.pipe.scheduler, self.head, self.preprocess, self.batch, guidance,
-                         self.autocast, steps)
+        return image_run(self.denoiser, self.head, self.preprocess, self.batch, guidance, self.autocast, steps)
 
 
 def count_parts(case):
@@ -322,27 +518,130 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
+def time_option(make_case, option, args, timing):
+    """measure_case at every batch size (make_case(batch) -> Case); a batch that runs out of memory is recorded as such."""
+    rows = []
+    for batch in args.batch_sizes:
+        row = {"option": option, "batch": batch}
+        try:
+            row.update(measure_case(make_case(batch), timing))
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+        free_memory(args.device)
+        rows.append(row)
+        print_progress(row)
+    return rows
+
+
 def run_option(path, option, args, timing):
-    """Count and time one option at every batch size; a batch that runs out of memory is recorded as such."""
+    """Count one option at the first batch size and, unless --count-only, time it at every batch size."""
     features = parse_option(option)
     pipe, head, decoder = load_option(path, args.size, args.device, features)
-    counts = count_parts(Case(pipe, head, decoder, features, args.batch_sizes[0], args.size, args.steps))
+
+    def make_case(batch):
+        return Case(pipe, head, decoder, features, batch, args.steps, SIZES[args.size]["predictor_px"], GUIDANCE_SCALE)
+
+    counts = count_parts(make_case(args.batch_sizes[0]))
     rows = []
     if not args.count_only:
         if "compile" in features:
             compile_modules(pipe, decoder, args.compile_backend)
-        for batch in args.batch_sizes:
-            row = {"option": option, "batch": batch}
-            try:
-                row.update(measure_case(Case(pipe, head, decoder, features, batch, args.size, args.steps), timing))
-            except torch.OutOfMemoryError:
-                row["oom"] = True
-            free_memory(args.device)
-            rows.append(row)
-            print_progress(row)
-    del pipe, head, decoder
-    free_memory(args.device)
+        rows = time_option(make_case, option, args, timing)
     return counts, rows
+
+
+def parameters(module):
+    """The module's parameter count (millions) and memory (GB) in the dtype it holds them in."""
+    params = list(module.parameters())
+    return dict(millions=sum(p.numel() for p in params) / 1e6,
+                gb=sum(p.numel() * p.element_size() for p in params) / 1e9, dtype=str(params[0].dtype)[len("torch."):])
+
+
+GUIDANCE_PARTS = ("decode_forward", "predictor_forward_backward", "decode_backward")   # what a guided step adds
+
+
+def ltg_over_unguided(parts, final_decode_gflop, steps, guided):
+    """FLOPs of an LTG image over an unguided one: each has `steps` network evaluations and a final full decode; the
+    LTG image adds `guided` guidance passes. The clean estimate and the update run at every step, guided or not
+    (0 FLOPs: element-wise)."""
+    unguided = steps * parts["network"]["gflop"] + final_decode_gflop
+    return (unguided + guided * sum(parts[p]["gflop"] for p in GUIDANCE_PARTS)) / unguided
+
+
+def run_family(size, args, timing):
+    """One family at its native resolution: what was built, parameter memory, and per option the counts per image
+    of one guided step, the guided steps of an image and its FLOPs over an unguided one's; unless counting only,
+    the timings (with random weights on args.device). Counting only, every module is built on the meta device."""
+    architecture = FAMILY_SIZES[size]
+    device = torch.device("meta") if args.count_only else args.device
+    pipe = family_pipeline(architecture, device)
+    head = epistemic_head(FAMILY_PREDICTOR["predictor"], device)
+    tiny = tiny_decoder(device, architecture.tiny_latent_channels, family(architecture).cuda_dtype)
+    steps = args.steps or families.family_defaults(pipe)[0]
+
+    def make_case(features, batch):
+        return Case(pipe, head, tiny if "tiny_decoder" in features else None, features, batch, steps,
+                    FAMILY_PREDICTOR["predictor_px"], None)
+
+    first = make_case(frozenset(), args.batch_sizes[0])
+    final_decode = {k: v / first.batch for k, v in count_part(first.final_decode).items()}
+    result = dict(family=family(architecture).name, repo=architecture.repo, resolution=first.denoiser.resolution,
+                  latent=list(first.z.shape[1:]), cfg=first.denoiser.cfg, guidance_scale=first.denoiser.guidance_scale,
+                  steps=steps, parameters=dict(network=parameters(getattr(pipe, network_name(architecture.pipeline))),
+                                               vae=parameters(pipe.vae), tiny_decoder=parameters(tiny),
+                                               predictor=parameters(head)),
+                  final_decode=final_decode, options={})
+    rows = []
+    for option in args.options:
+        features = parse_option(option)
+        case = make_case(features, args.batch_sizes[0])
+        parts, guided = count_parts(case), case.guided_steps()
+        result["options"][option] = dict(
+            parts=parts, guided_steps=guided,
+            ltg_over_unguided=ltg_over_unguided(parts, final_decode["gflop"], steps, guided),
+            guidance_saved_mb=parts["decode_forward"]["saved_mb"] + parts["predictor_forward_backward"]["saved_mb"])
+        if not args.count_only:
+            rows += [dict(row, size=size) for row in
+                     time_option(lambda batch: make_case(features, batch), option, args, timing)]
+    return result, rows
+
+
+def run_families(args, timing):
+    """run_family for every size of --size; on a CPU, counts only."""
+    if not args.count_only and args.device.type != "cuda":
+        print(f"--size {args.size} on {args.device.type}: counts only, on the meta device (timing them needs a GPU)")
+        args.count_only = True
+    results, rows = {}, []
+    for size in args.families:
+        print(f"{size}:", flush=True)
+        results[size], size_rows = run_family(size, args, timing)
+        free_memory(args.device)                          # the family's modules, now out of scope
+        rows += size_rows
+    for size in results:
+        if any(r["size"] == size for r in rows):
+            print(f"\n{size}:")
+            print_timings([r for r in rows if r["size"] == size])
+    print_families(results)
+    return dict(meta=metadata(args, timing), families=results, results=rows)
+
+
+def run_sizes(args, timing):
+    """Every option of the tiny or sd14 pipeline (random weights, or --model), and issue 5's targets."""
+    counts, rows = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or build_sd(os.path.join(tmp, args.size), SIZES[args.size]["pipeline"])
+        for option in args.options:
+            print(f"{option}:", flush=True)
+            counts[option], option_rows = run_option(path, option, args, timing)
+            free_memory(args.device)                      # the option's pipeline, now out of scope
+            rows += option_rows
+    target_rows = [] if args.count_only else targets(rows, args.device)
+    if rows:
+        print_timings(rows)
+    print_counts(counts)
+    if target_rows:
+        print_targets(target_rows, args)
+    return dict(meta=metadata(args, timing), counts=counts, results=rows, targets=target_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +686,7 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-SHORT = {"cfg_unet": "unet", "clean_estimate": "zhat0", "decode_forward": "dec fwd",
+SHORT = {"network": "network", "clean_estimate": "zhat0", "decode_forward": "dec fwd",
          "predictor_forward_backward": "pred f+b", "decode_backward": "dec bwd", "fused_update": "update"}
 
 
@@ -419,6 +718,29 @@ def print_counts(counts):
         print(f"{'':<26}" + "".join(f"{parts[p]['traffic_mb'] / 1e3:>10.3f}" for p in PARTS))
 
 
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def print_families(results):
+    print_counts({f"{size} {option}": o["parts"] for size, r in results.items() for option, o in r["options"].items()})
+    head = (f"{'size':<6}{'option':<20}{'px':>6}{'dtype':>10}{'CFG':>5}{'N':>4}{'G':>4}{'final dec':>10}"
+            f"{'saved GB':>10}{'LTG/unguided':>13}")
+    print("\nPer image: steps N, guided steps G, GFLOP of the final decode, GB the guidance pass saves for backward "
+          "(decoder + predictor),\nFLOPs of an LTG image over an unguided one\n" + head + "\n" + "-" * len(head))
+    for size, r in results.items():
+        for option, o in r["options"].items():
+            print(f"{size:<6}{option:<20}{r['resolution']:>6}{r['parameters']['network']['dtype']:>10}"
+                  f"{'yes' if r['cfg'] else 'no':>5}{r['steps']:>4}{o['guided_steps']:>4}{r['final_decode']['gflop']:>10.4g}"
+                  f"{o['guidance_saved_mb'] / 1e3:>10.2f}{o['ltg_over_unguided']:>13.3f}")
+    components = ("network", "vae", "tiny_decoder", "predictor")
+    head = f"{'size':<6}" + "".join(f"{c:>22}" for c in components)
+    print("\nParameters: millions / GB in the dtype each runs in\n" + head + "\n" + "-" * len(head))
+    for size, r in results.items():
+        cells = (r["parameters"][c] for c in components)
+        print(f"{size:<6}" + "".join(f"{c['millions']:>10.1f} / {c['gb']:>6.3f} {SHORT_DTYPE[c['dtype']]:>4}"
+                                     for c in cells))
+
+
 def print_targets(target_rows, args):
     head = f"{'target':<52}{'option':<26}{'B':>3}{'value':>9}  result"
     at_scale = args.device.type == "cuda" and args.size == "sd14" and not args.quick
@@ -431,14 +753,16 @@ def print_targets(target_rows, args):
 
 def metadata(args, timing):
     device = args.device
+    predictor = FAMILY_PREDICTOR if args.families else SIZES[args.size]
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                 else os.uname().machine, threads=torch.get_num_threads(), torch=torch.__version__,
                 diffusers=diffusers.__version__, size=args.size, model=args.model or f"random {args.size}",
                 steps=args.steps, batch_sizes=args.batch_sizes, options=args.options, quick=args.quick,
                 count_only=args.count_only, compile_backend=args.compile_backend, loop_steps=LOOP_STEPS,
-                image_repeats=1, fused_kernels=ltg.backend(device), guidance_scale=GUIDANCE_SCALE,
-                predictor=f"{SIZES[args.size]['predictor']} at {SIZES[args.size]['predictor_px']} px, EpistemicHead K=16",
+                image_repeats=1, fused_kernels=ltg.backend(device),
+                guidance_scale=None if args.families else GUIDANCE_SCALE,   # None: each family's default
+                predictor=f"{predictor['predictor']} at {predictor['predictor_px']} px, EpistemicHead K=16",
                 matmul_tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_tf32=torch.backends.cudnn.allow_tf32,
                 cudnn_benchmark=torch.backends.cudnn.benchmark, **timing)
 
@@ -447,32 +771,49 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--size", choices=SIZES, default="sd14",
+    parser.add_argument("--size", default="sd14",
                         help="random-weight pipeline: tiny (64 px; ResNet-18 predictor at 32 px) or sd14 (the "
-                             "SD 1.4 architecture, 512 px; ResNet-50 predictor at 224 px); default sd14")
+                             "SD 1.4 architecture, 512 px; ResNet-50 predictor at 224 px); or model families at "
+                             "native resolution, comma-separated from sdxl, sd35, flux, and sd14 with them (built "
+                             "from the published configs; ResNet-50 predictor at 224 px); default sd14")
     parser.add_argument("--model", help="a local diffusers Stable Diffusion folder to load instead of random "
                                         "weights (use with --size sd14)")
     parser.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")],
                         help="comma-separated batch sizes (default 1,4,8; --quick: 1,2)")
-    parser.add_argument("--steps", type=int, help="DDIM steps of a timed image (default 50; --quick: 2)")
-    parser.add_argument("--options", type=lambda s: s.split(","), default=list(DEFAULT_OPTIONS),
+    parser.add_argument("--steps", type=int,
+                        help="steps of a timed image (default 50, families: the family's; --quick: 2)")
+    parser.add_argument("--options", type=lambda s: s.split(","),
                         help="comma-separated options, each 'baseline' or features joined by '+' from: "
-                             + ", ".join(FEATURES) + f" (default: {','.join(DEFAULT_OPTIONS)})")
+                             + ", ".join(FEATURES) + f" (default: {','.join(DEFAULT_OPTIONS)}); families: from "
+                             + ", ".join(FAMILY_FEATURES) + f" (default: {','.join(FAMILY_OPTIONS)})")
     parser.add_argument("--quick", action="store_true",
                         help="3 repeats, 2-step images, batch sizes 1,2, one CPU thread: a smoke run")
     parser.add_argument("--count-only", action="store_true",
                         help="only count FLOPs and traffic per part (one guided step per option), no timing")
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor; --quick: eager)")
     parser.add_argument("--threads", type=int, help="CPU threads (default torch's; --quick: 1)")
-    parser.add_argument("--out", help="JSON results (default bench/results/sampler-<device>.json)")
+    parser.add_argument("--out", help="JSON results (default bench/results/sampler-<device>.json; families: "
+                                      "families-<device>.json)")
     args = parser.parse_args(argv)
+    sizes = args.size.split(",")
+    args.families = sizes if set(sizes) - set(SIZES) else None
+    if args.families and set(sizes) - set(FAMILY_SIZES):
+        parser.error(f"--size: {', '.join(sorted(set(sizes) - set(FAMILY_SIZES)))} is not a model family; "
+                     f"choose from {', '.join(FAMILY_SIZES)}")
+    if not args.families and len(sizes) > 1:
+        parser.error("--size: tiny and sd14 run one at a time (sd14 joins a list of sdxl, sd35, flux)")
+    if args.families and args.model:
+        parser.error("--model loads SD 1.x weights; the model families are built from their published configs")
+    args.options = args.options or list(FAMILY_OPTIONS if args.families else DEFAULT_OPTIONS)
     for option in args.options:
         try:
-            parse_option(option)
+            features = parse_option(option)
         except argparse.ArgumentTypeError as error:
             parser.error(str(error))
+        if args.families and features - set(FAMILY_FEATURES):
+            parser.error(f"option {option}: the model families take baseline or {', '.join(FAMILY_FEATURES)}")
     run = RUNS["quick" if args.quick else "full"]
-    args.steps = args.steps or run["steps"]
+    args.steps = args.steps or (None if args.families else run["steps"])
     args.batch_sizes = args.batch_sizes or [int(b) for b in run["batch_sizes"].split(",")]
     args.compile_backend = args.compile_backend or run["compile_backend"]
     args.threads = args.threads or run["threads"]
@@ -483,24 +824,12 @@ def main(argv=None):
     args, timing = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    counts, rows = {}, []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or build_sd(os.path.join(tmp, args.size), SIZES[args.size]["pipeline"])
-        for option in args.options:
-            print(f"{option}:", flush=True)
-            counts[option], option_rows = run_option(path, option, args, timing)
-            rows += option_rows
-    target_rows = [] if args.count_only else targets(rows, args.device)
-    if rows:
-        print_timings(rows)
-    print_counts(counts)
-    if target_rows:
-        print_targets(target_rows, args)
-
-    out = args.out or os.path.join(ROOT, "bench", "results", f"sampler-{args.device.type}.json")
+    results = run_families(args, timing) if args.families else run_sizes(args, timing)
+    name = "families" if args.families else "sampler"
+    out = args.out or os.path.join(ROOT, "bench", "results", f"{name}-{args.device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(meta=metadata(args, timing), counts=counts, results=rows, targets=target_rows), f, indent=2)
+        json.dump(results, f, indent=2)
     print(f"wrote {out}")
 
 

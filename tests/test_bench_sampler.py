@@ -79,13 +79,13 @@ def test_counts(results):
     assert list(counts) == list(OPTIONS)
     for option, parts in counts.items():
         assert list(parts) == list(bench_sampler.PARTS)
-        for part in ("cfg_unet", "decode_forward", "predictor_forward_backward", "decode_backward"):
+        for part in ("network", "decode_forward", "predictor_forward_backward", "decode_backward"):
             assert positive(parts[part]["gflop"]), (option, part)
             assert positive(parts[part]["traffic_mb"]), (option, part)
         assert parts["decode_forward"]["saved_mb"] > 0            # the guidance decode keeps its graph
-        assert parts["cfg_unet"]["saved_mb"] == 0                 # the UNet runs without one
+        assert parts["network"]["saved_mb"] == 0                 # the UNet runs without one
     base, tiny = counts["baseline"], counts["tiny_decoder+every2"]
-    assert tiny["cfg_unet"]["gflop"] == pytest.approx(base["cfg_unet"]["gflop"])           # the same UNet
+    assert tiny["network"]["gflop"] == pytest.approx(base["network"]["gflop"])           # the same UNet
     assert tiny["decode_forward"]["gflop"] != pytest.approx(base["decode_forward"]["gflop"])  # another decoder
 
 
@@ -116,3 +116,60 @@ def test_targets_judge_their_thresholds():
 def test_unknown_option_is_refused():
     with pytest.raises(SystemExit):
         bench_sampler.parse_args(["--options", "baseline,bf17"])
+
+
+# --- model families at native resolution (--size sdxl,sd35,flux): counts on the meta device ---
+
+# Parameters of each published network: the hub checkpoints' counts (SD 3.5 Large: its model card's 8.1B).
+PUBLISHED_PARAMETERS = {"sd14": 859_520_964, "sdxl": 2_567_463_684, "sd35": 8.1e9, "flux": 11_901_408_320}
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED_PARAMETERS))
+def test_family_networks_are_the_published_architectures(size):
+    """A layer too many or too few (SD 3.5: one block is 2.6% of it) would miss these counts."""
+    architecture = bench_sampler.FAMILY_SIZES[size]
+    pipe = bench_sampler.family_pipeline(architecture, bench_sampler.torch.device("meta"))
+    network = getattr(pipe, bench_sampler.network_name(architecture.pipeline))
+    count = sum(p.numel() for p in network.parameters())
+    assert count == pytest.approx(PUBLISHED_PARAMETERS[size], rel=0.01 if size == "sd35" else 0)
+
+
+FAMILY_OPTIONS = ("baseline", "tiny_decoder+every2")
+
+
+@pytest.fixture(scope="module")
+def flux_counts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "families.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_sampler.py"), "--device", "cpu", "--size", "flux",
+           "--options", ",".join(FAMILY_OPTIONS), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "counts only, on the meta device" in proc.stdout and "LTG/unguided" in proc.stdout
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_flux_counts_at_native_resolution(flux_counts):
+    assert flux_counts["meta"]["count_only"] and flux_counts["results"] == []
+    flux = flux_counts["families"]["flux"]
+    assert (flux["resolution"], flux["latent"], flux["cfg"], flux["steps"]) == (1024, [4096, 64], False, 28)
+    base, cheap = (flux["options"][o] for o in FAMILY_OPTIONS)
+    assert (base["guided_steps"], cheap["guided_steps"]) == (27, 13)          # never at sigma = 1
+    assert base["parts"]["network"]["gflop"] == cheap["parts"]["network"]["gflop"] > 0
+    assert base["parts"]["decode_forward"]["gflop"] > 10 * cheap["parts"]["decode_forward"]["gflop"] > 0
+    assert flux["final_decode"]["gflop"] == pytest.approx(base["parts"]["decode_forward"]["gflop"])  # the full VAE
+    for option in (base, cheap):
+        parts = option["parts"]
+        unguided = flux["steps"] * parts["network"]["gflop"] + flux["final_decode"]["gflop"]
+        added = sum(parts[p]["gflop"] for p in bench_sampler.GUIDANCE_PARTS) * option["guided_steps"]
+        assert option["ltg_over_unguided"] == pytest.approx((unguided + added) / unguided)
+    assert 1 < cheap["ltg_over_unguided"] < base["ltg_over_unguided"]
+
+
+def test_family_sizes_are_refused_with_what_is_accepted(capsys):
+    with pytest.raises(SystemExit):
+        bench_sampler.parse_args(["--size", "sdxl,kandinsky"])
+    assert "kandinsky is not a model family; choose from sd14, sdxl, sd35, flux" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_sampler.parse_args(["--size", "flux", "--options", "bf16"])
+    assert "the model families take baseline or tiny_decoder, checkpoint_decoder, every2" in capsys.readouterr().err

@@ -4,7 +4,7 @@ Stable-Diffusion-shaped pipeline loaded through `from_pretrained`, as a user loa
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, PNDMScheduler, UNet2DModel
 from torch import nn
 
 import ltg
@@ -112,8 +112,10 @@ def test_guidance_refuses_bad_values(kwargs, message):
 
 def test_sampler_refuses_unsupported_schedulers():
     unet, head = tiny_unet(), tiny_head()
-    for scheduler, message in ((DDIMScheduler(**(SCHEDULER | {"clip_sample": True})), "without clipping"),
-                               (DDIMScheduler(**(SCHEDULER | {"prediction_type": "v_prediction"})), "epsilon")):
+    for scheduler, message in ((DDIMScheduler(**(SCHEDULER | {"clip_sample": True})), "must not clip"),
+                               (DDIMScheduler(**(SCHEDULER | {"prediction_type": "v_prediction"})),
+                                "matching its prediction_type; got 'epsilon'"),
+                               (PNDMScheduler(), "needs a DDIMScheduler or a FlowMatchEulerDiscreteScheduler, got PNDM")):
         with pytest.raises(ValueError, match=message):
             ltg.sample_class_conditional(unet, scheduler, head, [0], [0], progress=False)
 
@@ -124,15 +126,16 @@ def test_sampler_refuses_unsupported_schedulers():
 def test_gradient_equals_finite_differences_in_float64(through_unet):
     unet, head = tiny_unet().double(), tiny_head().double()
     labels = torch.tensor([0, 2])
-    denoiser = ltg.ClassConditionalDenoiser(unet, labels, guidance_scale=2.0)
+    denoiser = ltg.ClassConditionalDenoiser(unet, DDIMScheduler(**SCHEDULER), labels, guidance_scale=2.0)
     signal_fn = ltg.image_signal(head, lambda x: x, "total")
     g = torch.Generator().manual_seed(0)
     z, t, abar_t = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64), torch.tensor(500), 0.3
-    _, grad = ltg.longtail_gradient(denoiser, signal_fn, z, t, abar_t, through_unet)
-    eps_fixed = denoiser.noise(z, t).detach()
+    step = ltg.PathStep(t, *ltg.vp_coefficients(abar_t), *ltg.vp_coefficients(0.5))
+    _, grad = ltg.longtail_gradient(denoiser, signal_fn, z, step, through_unet)
+    eps_fixed = denoiser.predict(z, t).detach()
 
     def f(z):  # sum_b f_lt(D(zhat0(z)))
-        eps = denoiser.noise(z, t) if through_unet else eps_fixed
+        eps = denoiser.predict(z, t) if through_unet else eps_fixed
         return signal_fn(denoiser.guidance_decode(ltg.predict_clean_latent(z, eps, abar_t))).sum()
 
     with torch.no_grad():
@@ -174,8 +177,8 @@ class RecordingDenoiser(ltg.ClassConditionalDenoiser):
         super().__init__(*args)
         self.calls = []
 
-    def noise(self, z, t):
-        eps = super().noise(z, t)
+    def predict(self, z, t):
+        eps = super().predict(z, t)
         self.calls.append((z.detach().clone(), eps.detach().clone(), int(t)))
         return eps
 
@@ -183,11 +186,10 @@ class RecordingDenoiser(ltg.ClassConditionalDenoiser):
 def test_predictor_only_sees_decoded_clean_estimates():
     unet, head = tiny_unet(), tiny_head()
     head.predictor = Spy(head.predictor)
-    denoiser = RecordingDenoiser(unet, torch.tensor([0, 1]), 2.0)
     scheduler = DDIMScheduler(**SCHEDULER)
+    denoiser = RecordingDenoiser(unet, scheduler, torch.tensor([0, 1]), 2.0)
     generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    out = ltg.sample(denoiser, scheduler, head, generators, ltg.Guidance(w=1.0, every=2), num_inference_steps=6,
-                     progress=False)
+    out = ltg.sample(denoiser, head, generators, ltg.Guidance(w=1.0, every=2), num_inference_steps=6, progress=False)
     guided = [call for i, call in enumerate(denoiser.calls) if i % 2 == 0]
     assert len(head.predictor.seen) == len(guided) + 1
     for seen, (z, eps, t) in zip(head.predictor.seen, guided):

@@ -501,14 +501,17 @@ FLOWERS = ["pink primrose", "sweet pea", "tiger lily"]
 
 
 def sd_round_setup(tiny_sd_path, *flags):
-    """A flowers-like task with three classes, the tiny SD-shaped pipeline and a resnet18 head."""
+    """A flowers-like task with three classes, a tiny pipeline (SD-1.x-shaped unless another is given) and a
+    resnet18 head, as open_run sets them up."""
     args = train_flags.parse_args(["--dataset", "flowers", "--arch", "resnet18", "--head-samples", "4", "--steps", "2",
                                   "--gen-batch", "2", "--diffusion", str(tiny_sd_path), "--out", "x", *map(str, flags)])
     train_tf, _ = tasks.paper_transforms()
     task = tasks.Task(FLOWERS, None, None, {}, [0, 1, 2], train_tf, "RGB", tasks.PROMPTS["flowers"])
     torch.manual_seed(0)
     head = tasks.build_head(args, len(FLOWERS), 3)
-    return args, task, head, tasks.load_diffusion(args, torch.device("cpu"))
+    diffusion = tasks.load_diffusion(args, torch.device("cpu"))
+    train_flags.take_family_defaults(args, diffusion[0])
+    return args, task, head, diffusion
 
 
 def test_stable_diffusion_round_prompts_each_class(tiny_sd_path, tmp_path):
@@ -524,6 +527,31 @@ def test_stable_diffusion_round_prompts_each_class(tiny_sd_path, tmp_path):
         assert im.mode == "RGB" and im.size == (64, 64)
     run_folder.plot_round(folder, rows, task)
     assert (tmp_path / "rounds" / "round0.png").is_file()
+
+
+@pytest.mark.parametrize("family, scale", [("sd2-v", 7.5), ("sdxl", 5.0), ("sd3", 3.5), ("flux", 3.5)])
+def test_a_round_on_each_family(tiny_models, tmp_path, family, scale):
+    """--diffusion takes a folder of any supported family; the guidance scale left unset is the family's, and
+    --resolution sets the image side (the tiny transformers' native size differs from the pipelines' default)."""
+    args, task, head, diffusion = sd_round_setup(tiny_models.pipeline(family), "--resolution", 64)
+    assert args.guidance_scale == scale and args.steps == 2
+    rows = train_loop.generate_round(args, task, diffusion, head, run_folder.RunFolder(tmp_path), 0, 3)
+    assert [r["label"] for r in rows] == [0, 1, 2] and all(r["guidance_ratio"] > 0 for r in rows)
+    for r in rows:
+        with Image.open(tmp_path / "synthetic" / r["file_name"]) as im:
+            assert im.mode == "RGB" and im.size == (64, 64)
+
+
+def test_a_mismatched_guidance_decoder_stops_the_run_in_one_line(tiny_models):
+    with pytest.raises(tasks.TaskError, match="^--guidance-decoder .*: the guidance decoder reads 16 latent channels "
+                                              "but the pipeline's VAE has 4: take the family's tiny autoencoder"):
+        sd_round_setup(tiny_models.pipeline("sdxl"), "--guidance-decoder", tiny_models.decoder("flux"))
+
+
+def test_another_familys_tiny_decoder_stops_the_run_before_it_is_loaded(tiny_models):
+    with pytest.raises(tasks.TaskError, match="^--guidance-decoder madebyollin/taesd3: decodes SD 3.x latents, not "
+                                              "FLUX.1's: take madebyollin/taef1$"):
+        sd_round_setup(tiny_models.pipeline("flux"), "--guidance-decoder", "madebyollin/taesd3")
 
 
 def test_guidance_decoder_and_every_kth_step_reach_the_sampler(tiny_sd_path, tmp_path):
@@ -662,6 +690,20 @@ def test_an_offline_download_is_one_line_and_leaves_no_folder(monkeypatch, tmp_p
         assert part in message, message
     assert "\n" not in message
     assert list(tmp_path.iterdir()) == [], "the failed download left something behind"
+
+
+def test_the_cycle_on_a_flux_folder(tiny_models, monkeypatch, tmp_path, torch_settings):
+    """The whole cycle with --diffusion a FLUX.1 folder: its guidance scale is recorded in config.json."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_flowers_download(monkeypatch, [])
+    train_loop.main([*PAPER_TINY, "--device", "cpu", "--diffusion", tiny_models.pipeline("flux"), "--resolution", "64",
+                     "--out", "run"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2 and metrics["rounds"][0]["images"] == 3
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["guidance_scale"], config["steps"], config["resolution"]) == (3.5, 2, 64)
+    assert len(run_folder.read_metadata(tmp_path / "run" / "synthetic" / "metadata.jsonl")) == 3
 
 
 # --- ImageNet-LT with LiVT's recipe, offline: a tiny ImageNet-LT-shaped folder, a tiny timm ViT, an MAE checkpoint ---
