@@ -400,10 +400,20 @@ def count_part(fn):
             "saved_mb": sum(saved.values()) / 1e6}
 
 
+def set_guidable_timesteps(denoiser, num_steps, device):
+    """The denoiser's schedule of num_steps + 1 steps without its first, so that the sampler can guide every step
+    (rectified flow's first step, at sigma = 1, it never guides)."""
+    denoiser.set_timesteps(num_steps + 1, device)
+    scheduler = denoiser.scheduler
+    scheduler.timesteps = scheduler.timesteps[1:]
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        scheduler.sigmas = scheduler.sigmas[1:]
+
+
 def step_loop(denoiser, z, signal_fn, guidance, autocast):
-    """One call of the sampler's loop (Algorithm 1) over LOOP_STEPS steps."""
+    """One call of the sampler's loop (Algorithm 1) over LOOP_STEPS steps it can guide."""
     def loop():
-        denoiser.set_timesteps(LOOP_STEPS, z.device)
+        set_guidable_timesteps(denoiser, LOOP_STEPS, z.device)
         return ltg.sample_longtail_ddim(denoiser, z, signal_fn, guidance, autocast, progress=False)
     return loop
 

@@ -173,3 +173,14 @@ def test_family_sizes_are_refused_with_what_is_accepted(capsys):
     with pytest.raises(SystemExit):
         bench_sampler.parse_args(["--size", "flux", "--options", "bf16"])
     assert "the model families take baseline or tiny_decoder, checkpoint_decoder, every2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd14", "sd3"])
+def test_the_step_rows_time_guided_steps_only(tiny_models, family):
+    """A step row is the sampler's loop over LOOP_STEPS steps, each guided: rectified flow's first step (sigma = 1)
+    is never guided, so it must not be in the loop a row divides by LOOP_STEPS."""
+    pipe = tiny_models.loader(lambda _, path: bench_sampler.ltg.load_pipeline(path))(family)
+    head = bench_sampler.epistemic_head("resnet18", bench_sampler.torch.device("cpu"))
+    case = bench_sampler.Case(pipe, head, None, frozenset(), 1, 2, 32, None)
+    _, skipped, ratios = case.step(case.guidance)()
+    assert len(ratios) == bench_sampler.LOOP_STEPS and skipped.tolist() == [0]
