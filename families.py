@@ -115,31 +115,39 @@ class _Pipeline:
         return decode_latents(self.guidance_vae, z0)
 
 
-class StableDiffusionDenoiser(_Pipeline):
+class _UNetPipeline(_Pipeline):
+    """What SD 1.x/2.x and SDXL share: a UNet predicting what its scheduler's prediction_type says (eps or v), with
+    a classifier-free pair unless guidance is off or distilled into it (time_cond_proj_dim), conditioned on
+    `self.conditioning` (set by each family's __init__ from its prompts)."""
+
+    def __init__(self, pipe, guidance_scale, guidance_decoder, checkpoint_decoder, resolution):
+        super().__init__(pipe, guidance_scale, guidance_decoder, checkpoint_decoder, resolution)
+        self.prediction = pipe.scheduler.config.prediction_type
+        self.cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+
+    def predict(self, z, t):                                                     # [B, 4, h, w]
+        return classifier_free(lambda x: _unet_output(self.pipe.unet, x, t, **self.conditioning), z, self.guidance_scale,
+                               self.cfg)
+
+
+class StableDiffusionDenoiser(_UNetPipeline):
     """SD 1.x and 2.x (epsilon or v-prediction): one prompt per image, CLIP text embeddings [B, 77, d]."""
 
     def __init__(self, pipe, prompts, guidance_scale=7.5, negative_prompt=None, guidance_decoder=None,
                  checkpoint_decoder=False, resolution=None):
         super().__init__(pipe, guidance_scale, guidance_decoder, checkpoint_decoder, resolution)
-        self.prediction = pipe.scheduler.config.prediction_type
-        self.cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, self.cfg, negative_prompt)
-        self.embeds = (torch.cat([uncond, cond]) if self.cfg else cond).to(pipe.unet.dtype)    # [2B or B, 77, d]
-
-    def predict(self, z, t):                                                     # [B, 4, h, w]
-        return classifier_free(lambda x: _unet_output(self.pipe.unet, x, t, encoder_hidden_states=self.embeds), z,
-                               self.guidance_scale, self.cfg)
+        embeds = torch.cat([uncond, cond]) if self.cfg else cond                                # [2B or B, 77, d]
+        self.conditioning = dict(encoder_hidden_states=embeds.to(pipe.unet.dtype))
 
 
-class StableDiffusionXLDenoiser(_Pipeline):
+class StableDiffusionXLDenoiser(_UNetPipeline):
     """SDXL: two CLIP text encoders ([B, 77, 2048] together), the pooled text embedding [B, 1280] and the
     size/crop time ids [B, 6] of an uncropped image at `resolution`."""
 
     def __init__(self, pipe, prompts, guidance_scale=5.0, negative_prompt=None, guidance_decoder=None,
                  checkpoint_decoder=False, resolution=None):
         super().__init__(pipe, guidance_scale, guidance_decoder, checkpoint_decoder, resolution)
-        self.prediction = pipe.scheduler.config.prediction_type
-        self.cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             prompt=prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=self.cfg,
             negative_prompt=negative_prompt)
@@ -153,10 +161,6 @@ class StableDiffusionXLDenoiser(_Pipeline):
         rows = embeds.shape[0]
         self.conditioning = dict(encoder_hidden_states=embeds.to(pipe.unet.dtype), added_cond_kwargs=dict(
             text_embeds=pooled.to(pipe.unet.dtype), time_ids=time_ids.to(pipe.device).repeat(rows, 1)))
-
-    def predict(self, z, t):                                                     # [B, 4, h, w]
-        return classifier_free(lambda x: _unet_output(self.pipe.unet, x, t, **self.conditioning), z, self.guidance_scale,
-                               self.cfg)
 
 
 class StableDiffusion3Denoiser(_Pipeline):
@@ -314,17 +318,21 @@ def family_of(path_or_id):
     return FAMILIES[name]
 
 
-def _settings(family, transformer_config):
-    """(steps, guidance scale): the family's, FLUX.1-schnell's for a FLUX transformer without guidance embedding."""
-    if family.adapter is FluxDenoiser and not transformer_config.get("guidance_embeds", True):
-        return FLUX_SCHNELL_STEPS, FLUX_SCHNELL_GUIDANCE
-    return family.steps, family.guidance_scale
+def pipeline_family(pipe):
+    """The Family of a loaded pipeline; an unsupported one is refused in one line."""
+    family = FAMILIES.get(type(pipe).__name__)
+    if family is None:
+        raise ValueError(f"ltg: a {type(pipe).__name__} is not supported; Algorithm 1 runs on {', '.join(FAMILIES)}")
+    return family
 
 
 def family_defaults(pipe):
-    """(steps, guidance scale) of a loaded pipeline."""
-    family = FAMILIES[type(pipe).__name__]
-    return _settings(family, pipe.transformer.config if family.adapter is FluxDenoiser else {})
+    """(steps, guidance scale) of a loaded pipeline: its family's, FLUX.1-schnell's for a FLUX transformer without
+    guidance embedding."""
+    family = pipeline_family(pipe)
+    if family.adapter is FluxDenoiser and not pipe.transformer.config.guidance_embeds:
+        return FLUX_SCHNELL_STEPS, FLUX_SCHNELL_GUIDANCE
+    return family.steps, family.guidance_scale
 
 
 def native_resolution(pipe):
@@ -368,9 +376,7 @@ def load_guidance_decoder(path_or_id, device="cpu", dtype=torch.float32):
 def denoiser_for(pipe, prompts, guidance_scale=None, **kwargs):
     """The adapter of `pipe`'s family for one prompt per image; guidance_scale defaults to the family's.
     kwargs: negative_prompt, guidance_decoder, checkpoint_decoder, resolution."""
-    family = FAMILIES.get(type(pipe).__name__)
-    if family is None:
-        raise ValueError(f"ltg: a {type(pipe).__name__} is not supported; Algorithm 1 runs on {', '.join(FAMILIES)}")
+    family = pipeline_family(pipe)
     if guidance_scale is None:
         guidance_scale = family_defaults(pipe)[1]
     return family.adapter(pipe, list(prompts), guidance_scale, **kwargs)
