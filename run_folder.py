@@ -332,7 +332,7 @@ def plot_round(folder, rows, task, limit=64):
 
 
 GROUP_LABELS = dict(many="many-shot (> 100 images)", medium="medium-shot (20-100)", few="few-shot (< 20)",
-                    tail="tail (rarest third)")
+                    tail="tail (rarest third)", hard="hard (weakest third on val. before fine-tuning)")
 
 
 def plot_accuracy(path, metrics):
@@ -341,7 +341,8 @@ def plot_accuracy(path, metrics):
     ax.plot([e["acc"] for e in epochs], label="overall")
     for group, classes in metrics["class_groups"].items():
         if classes:
-            ax.plot([e[f"{group}_acc"] for e in epochs], label=f"{GROUP_LABELS[group]}, {len(classes)} classes")
+            ax.plot([np.nan if e.get(f"{group}_acc") is None else e[f"{group}_acc"] for e in epochs],
+                    label=f"{GROUP_LABELS[group]}, {len(classes)} classes")
     pretrain = sum(e["phase"] == "pretrain" for e in epochs)
     for r in metrics["rounds"]:
         ax.axvline(pretrain + r["epoch"] - 0.5, color="gray", ls=":", lw=1)
@@ -380,7 +381,9 @@ def dataset_card(rows, classes, config, command, generator, predictor):
              "file_name, label (the class asked for), class_name, prompt (null for a class-conditional model), seed "
              "(of the image's initial noise), w (guidance weight), signal (the longtail signal the run guided on: "
              f"{config['signal']}), total / epistemic / aleatoric (Eqn 4, of the final image, by the predictor of "
-             "its round), predicted_label (that predictor's top-1), round, index, guidance_ratio.", "",
+             "its round), predicted_label (that predictor's top-1), round, index, guidance_ratio; judge_label (with "
+             "--label-filter judge: an independent classifier's top-1; with a label filter, fine-tuning used only the "
+             "images whose judge_label or predicted_label is their label).", "",
              "## How it was made", "", f"- generator: `{generator}`", f"- predictor: `{predictor}`",
              f"- command: `{command}`", "- flags (config.json):", "", "```json",
              json.dumps(config, indent=1, ensure_ascii=False), "```", "",

@@ -41,9 +41,9 @@ PROMPTS = {"flowers": "a photo of a {}, a type of flower.", "pets": "a photo of 
 
 MANY_SHOT, FEW_SHOT = 100, 20  # real training images: many-shot > 100, few-shot < 20, medium-shot between
 
-# The embedded default: a fixed stratified split of the 1,797 digits, a long-tailed train subset, and the
-# digits foundation model (assets/train_digits_unet.py trains it).
-DIGITS_TEST_FRACTION, DIGITS_IMBALANCE = 0.4, 30.0
+# The embedded default: a fixed stratified split of the 1,797 digits, a balanced validation set and a
+# long-tailed train subset from the training pool, and the digits foundation model (assets/train_digits_unet.py).
+DIGITS_TEST_FRACTION, DIGITS_VAL_PER_CLASS, DIGITS_IMBALANCE = 0.4, 25, 30.0
 DIGITS_UNET = Path(__file__).resolve().parent / "assets" / "digits-unet"
 
 
@@ -66,6 +66,8 @@ class Task:
     mode: str                # PIL mode of the images: "L" (digits) or "RGB"
     prompt: str | None       # per-class prompt template; None for the class-conditional digits model
     input_size: int = 224    # side of the predictor's (square) input
+    val: Dataset | None = None       # validation images from the training pool: every choice is made on them
+    judge: object = None     # () -> a classifier of the generated images (trained once, on first use), or None
 
     def preprocess(self, x):
         """Images [B, C, H, W] in [0, 1] -> the predictor's input, differentiably (for guidance)."""
@@ -131,27 +133,42 @@ def evaluate(predictor, dataset, num_classes, device, workers=0, subset=None):
 
 
 def split_accuracy(correct, count, groups):
-    """Top-1 overall and over each group of classes (None for a group without test images)."""
+    """Top-1 overall, over each group of classes (None for a group without test images) and of the worst class."""
     metrics = dict(acc=float(correct.sum() / count.sum()))
     for name, classes in groups.items():
         n = count[classes].sum()
         metrics[f"{name}_acc"] = float(correct[classes].sum() / n) if n else None
+    metrics["worst_acc"] = float((correct[count > 0] / count[count > 0]).min())
     return metrics
+
+
+def set_metrics(predictor, dataset, groups, num_classes, device, workers, prefix=""):
+    """split_accuracy and the per-class top-1 of one set, keys prefixed by the set's name."""
+    correct, count = evaluate(predictor, dataset, num_classes, device, workers, getattr(dataset, "label_subset", None))
+    metrics = split_accuracy(correct, count, groups) | dict(per_class_acc=(correct / np.maximum(count, 1)).round(6).tolist())
+    return {prefix + k: v for k, v in metrics.items()}
 
 
 def evaluation_metrics(predictor, task, groups, device, workers):
-    """Top-1 on the test set (overall, per group of classes, per class) and on each evaluation-only set."""
-    correct, count = evaluate(predictor, task.test, len(task.classes), device, workers)
-    metrics = split_accuracy(correct, count, groups) | dict(per_class_acc=(correct / np.maximum(count, 1)).round(6).tolist())
-    for name, dataset in task.evals.items():
-        scores = evaluate(predictor, dataset, len(task.classes), device, workers, dataset.label_subset)
-        metrics |= {f"{name}_{k}": v for k, v in split_accuracy(*scores, groups).items()}
+    """Top-1 on the test set (overall, per group of classes, worst class, per class), on the validation set
+    (val_...) and on each evaluation-only set (<name>_...)."""
+    C = len(task.classes)
+    metrics = set_metrics(predictor, task.test, groups, C, device, workers)
+    sets = ({"val": task.val} if task.val is not None else {}) | task.evals
+    for name, dataset in sets.items():
+        metrics |= set_metrics(predictor, dataset, groups, C, device, workers, prefix=f"{name}_")
     return metrics
+
+
+def weakest_classes(per_class_acc):
+    """The weakest third of the classes by (validation) top-1, ties to the lower label: the "hard" group."""
+    C = len(per_class_acc)
+    return sorted(np.argsort(per_class_acc, kind="stable")[:max(1, round(C / 3))].tolist())
 
 
 def load_task(args):
     if args.dataset == "digits":
-        return digits_task()
+        return digits_task(args.imbalance, class_order(args.class_order, 10))
     transforms = livt.transforms(args.input_size) if args.augment == "randaugment" else paper_transforms(args.input_size)
     if args.dataset == "imagenet-lt":
         return imagenet_lt_task(args.data_root, args.eval_set, transforms, args.input_size)
@@ -186,13 +203,58 @@ def digits_split(seed=0):
     return (x[train], y[train]), (x[test], y[test])
 
 
-def long_tailed(y, imbalance):
-    """Indices of a long-tailed subset: class c keeps n_max * imbalance^(-c / (C - 1)) of its images
-    (an exponential profile from class 0, the most common, to class C - 1, the rarest)."""
+def validation_split(y, per_class):
+    """(pool, validation) indices: the last `per_class` images of every class are the (balanced) validation set."""
+    val = torch.cat([torch.nonzero(y == c).flatten()[-per_class:] for c in range(int(y.max()) + 1)])
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    return torch.nonzero(keep).flatten(), val.sort().values
+
+
+def long_tailed(y, imbalance, order=None):
+    """Indices of a long-tailed subset: the i-th class of `order` (default 0, 1, ...) keeps
+    n_max * imbalance^(-i / (C - 1)) of its images (an exponential profile from order[0], the most common,
+    to order[-1], the rarest)."""
     classes = int(y.max()) + 1
+    order = list(range(classes)) if order is None else order
     n_max = int(torch.bincount(y).min())
-    keep = [torch.nonzero(y == c).flatten()[:round(n_max * imbalance ** (-c / (classes - 1)))] for c in range(classes)]
+    keep = [torch.nonzero(y == c).flatten()[:round(n_max * imbalance ** (-i / (classes - 1)))]
+            for i, c in enumerate(order)]
     return torch.cat(keep).sort().values
+
+
+def class_order(spec, num_classes):
+    """--class-order: None (0, 1, ..., most to least common), a seed ("3": a random permutation drawn from it),
+    or a permutation ("9,8,...,0"). Raises ValueError, naming what is accepted."""
+    if spec is None:
+        return list(range(num_classes))
+    if spec.strip().isdigit():
+        return np.random.default_rng(int(spec)).permutation(num_classes).tolist()
+    try:
+        order = [int(c) for c in spec.split(",")]
+    except ValueError:
+        order = []
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"expected a seed (e.g. 1) or a permutation of 0..{num_classes - 1} (e.g. "
+                         f"{','.join(map(str, reversed(range(num_classes))))}), most common class first")
+    return order
+
+
+def shifted_digits(x, seed=0):
+    """The digits' distribution-shift set (the analogue of ImageNet-A/V2): each image [N, 1, 8, 8] rotated by
+    10-25 degrees either way, scaled by 0.8-1.2 and its strokes thinned or thickened (a blend towards a 3x3
+    erosion or dilation of up to one half), all drawn from `seed`, so the set is the same everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    angle = (10 + 15 * torch.rand(n, generator=g)) * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    scale = 0.8 + 0.4 * torch.rand(n, generator=g)
+    stroke = torch.rand(n, generator=g) - 0.5                                # < 0 thinner, > 0 thicker
+    moved = torch.stack([v2.functional.affine(im, angle=a.item(), translate=[0, 0], scale=s.item(), shear=[0.0],
+                                              interpolation=v2.InterpolationMode.BILINEAR)
+                         for im, a, s in zip(x, angle, scale)])              # [N, 1, 8, 8]
+    dilated, eroded = F.max_pool2d(moved, 3, 1, 1), -F.max_pool2d(-moved, 3, 1, 1)
+    target = torch.where(stroke[:, None, None, None] > 0, dilated, eroded)
+    return (moved + stroke.abs()[:, None, None, None] * (target - moved)).clamp(0, 1)
 
 
 def digits_transforms():
@@ -203,13 +265,37 @@ def digits_transforms():
             v2.Compose(to_float + [normalize]))
 
 
-def digits_task():
+def digits_task(imbalance=DIGITS_IMBALANCE, order=None):
+    """The digits: a long-tailed train subset (`imbalance`, `order`) and a balanced validation set from the
+    training pool; the fixed test split, clean and shifted (evals["shifted"]); the judge of generated digits."""
     (x, y), (x_test, y_test) = digits_split()
-    subset = long_tailed(y, DIGITS_IMBALANCE)
+    pool, val = validation_split(y, DIGITS_VAL_PER_CLASS)
+    subset = pool[long_tailed(y[pool], imbalance, order)]
     train_tf, test_tf = digits_transforms()
     labels = y[subset].tolist()
+    shifted = Images(shifted_digits(x_test), y_test.tolist(), test_tf)
     return Task([str(c) for c in range(10)], Images(x[subset], labels, train_tf), Images(x_test, y_test.tolist(), test_tf),
-                {}, labels, train_tf, "L", None)
+                {"shifted": shifted}, labels, train_tf, "L", None, val=Images(x[val], y[val].tolist(), test_tf),
+                judge=digits_judge)
+
+
+@functools.cache
+def digits_judge(epochs=30, seed=0):
+    """An independent classifier of generated digits: the small CNN trained on the balanced training pool (the
+    foundation model's data, validation set held out) with the predictor's augmentation; deterministic, trained
+    once per process (about 10 s)."""
+    (x, y), _ = digits_split()
+    pool, _ = validation_split(y, DIGITS_VAL_PER_CLASS)
+    train_tf, _ = digits_transforms()
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(), torch.enable_grad():
+        torch.manual_seed(seed)
+        judge = small_cnn(10)
+        optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            for i in pool[torch.randperm(len(pool), generator=g)].split(64):
+                fit_step(optimizer, F.cross_entropy(judge(torch.stack([train_tf(im) for im in x[i]])), y[i]))
+    return judge.eval()
 
 
 def small_cnn(num_classes, channels=1):

@@ -32,6 +32,7 @@ LIVT = dict(arch="vit_base_patch16_224", batch_size=256, lr=8e-3, loss="bal-bce"
 DEFAULTS = {
     "digits": RESNET | dict(arch="cnn", pretrain_epochs=30, epochs=10, batch_size=16, synthetic=6.0, steps=20,
                             guidance_scale=2.0, guidance_weight=0.07, gen_batch=512, workers=0,
+                            imbalance=tasks.DIGITS_IMBALANCE,
                             diffusion=str(tasks.DIGITS_UNET)),
     "flowers": PAPER, "cars": PAPER, "caltech101": PAPER, "imagenet-lt": PAPER | LIVT,
     "pets": PAPER | dict(synthetic=30.0),
@@ -39,7 +40,8 @@ DEFAULTS = {
 # What --resume may change: where things are and how fast they run, never what the run computes.
 CHANGEABLE_ON_RESUME = ("threads", "workers", "device", "download", "data_root", "vlm_url", "llm_url")
 # What a run's pretraining depends on: --init-from takes these from the checkpoint it starts from.
-PRETRAINING = ("dataset", "arch", "head", "head_samples", "pretrain_epochs", "batch_size", "lr", "seed", "input_size",
+PRETRAINING = ("dataset", "imbalance", "class_order", "arch", "head", "head_samples", "pretrain_epochs", "batch_size",
+               "lr", "seed", "input_size",
                "loss", "smoothing", "mixup", "augment", "optimizer", "weight_decay", "layer_decay", "warmup_epochs",
                "min_lr", "drop_path")
 
@@ -73,6 +75,11 @@ def get_parser():
     g.add_argument("--data-root", default="data", help="where the datasets live")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch a torchvision dataset missing from --data-root; --no-download refuses (offline machines)")
+    g.add_argument("--imbalance", type=float, help="digits only: the long tail's ratio, most to least common class "
+                                                   "(exponential profile) (default: %s)" % tasks.DIGITS_IMBALANCE)
+    g.add_argument("--class-order", metavar="SEED|PERMUTATION",
+                   help="digits only: which class is how common, most common first: a seed (a random permutation) "
+                        "or a permutation such as 9,8,7,6,5,4,3,2,1,0 (default: 0,1,...,9)")
     g.add_argument("--eval-set", action="append", default=[], metavar="NAME=DIR",
                    help="imagenet-lt only: an evaluation-only ImageFolder (ImageNet-V2: folders 0..999; "
                         "ImageNet-A: WordNet-id folders); repeatable")
@@ -151,6 +158,11 @@ def add_generation_flags(p):
     g.add_argument("--guidance-decoder", metavar="PATH_OR_ID",
                    help="a cheaper decoder for the guidance pass only, the family's diffusers AutoencoderTiny: "
                         "madebyollin/taesd (SD 1.x/2.x), taesdxl, taesd3, taef1 (FLUX)")
+    g.add_argument("--unguided-share", type=float, default=0.0,
+                   help="the share of each round's images generated without guidance (w = 0), the rest with LTG")
+    g.add_argument("--label-filter", choices=("none", "judge", "predictor"), default="none",
+                   help="train only on the synthetic images whose label, as seen by the judge (digits: an independent "
+                        "classifier of generated digits) or by the round's predictor, is the class asked for")
     g = p.add_argument_group("introspection (introspect.py)")
     g.add_argument("--refined-prompts", metavar="FILE",
                    help="JSON {class name: [prompt, ...]} (introspect.py summarise writes it): generate with these "
@@ -260,6 +272,7 @@ def check_args(parser, args):
                      "--arch cnn on 8x8 greyscale images")
     if args.mixup and args.batch_size % 2:
         parser.error(f"--batch-size {args.batch_size}: mixup pairs each batch with itself reversed; use an even size")
+    check_profile_args(parser, args)
     if args.eval_set and args.dataset != "imagenet-lt":
         parser.error(f"--eval-set is for --dataset imagenet-lt (ImageNet-V2, ImageNet-A), not {args.dataset}")
     for spec in args.eval_set:
@@ -272,6 +285,22 @@ def check_args(parser, args):
     check_generation_args(parser, args)
 
 
+def check_profile_args(parser, args):
+    """--imbalance and --class-order shape the digits' long tail; the paper datasets come with theirs."""
+    if args.dataset != "digits":
+        for flag in ("imbalance", "class_order"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag.replace('_', '-')} shapes the digits' long tail; --dataset {args.dataset} "
+                             "keeps its own class counts")
+        return
+    if not (math.isfinite(args.imbalance) and args.imbalance >= 1):
+        parser.error(f"--imbalance {args.imbalance}: must be >= 1 (most common / least common class; 1 = balanced)")
+    try:
+        tasks.class_order(args.class_order, 10)
+    except ValueError as e:
+        parser.error(f"--class-order {args.class_order}: {e}")
+
+
 def take_family_defaults(args, pipe):
     """--steps and --guidance-scale left unset take the loaded pipeline family's (families.family_defaults)."""
     steps, scale = families.family_defaults(pipe)
@@ -282,6 +311,13 @@ def take_family_defaults(args, pipe):
 def check_generation_args(parser, args):
     """--resolution is a text-to-image pipeline's; steps and guidance scale left unset are the family's
     (train_loop takes them from the pipeline it loads, families.family_defaults)."""
+    if not 0 <= args.unguided_share <= 1:
+        parser.error(f"--unguided-share {args.unguided_share}: must lie in 0..1 (the share of each round left unguided)")
+    if args.label_filter == "judge" and args.dataset != "digits":
+        parser.error(f"--label-filter judge: --dataset {args.dataset} has no judge of generated images (digits has "
+                     "one); use --label-filter predictor")
+    if args.label_filter != "none" and args.synthetic == 0:
+        parser.error(f"--label-filter {args.label_filter} with --synthetic 0: there are no synthetic images to filter")
     if args.resolution is not None and args.dataset == "digits":
         parser.error("--resolution is for a text-to-image --diffusion (a paper dataset); the digits model makes 8x8")
     if args.resolution is not None and (args.resolution < 16 or args.resolution % 16):

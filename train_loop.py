@@ -144,7 +144,7 @@ def open_run(args):
               livt.mixup(C, args.smoothing) if args.mixup else None)
     if state is not None:
         head.load_state_dict(state["head"])
-        run.metrics |= {k: state["metrics"][k] for k in ("epochs", "rounds")}
+        run.metrics |= {k: state["metrics"][k] for k in ("epochs", "rounds", "class_groups")}
         run.start = state["epoch"] + 1
     on_rank0(run, lambda: check_folder(run))
     on_rank0(run, lambda: print_plan(run))
@@ -190,10 +190,17 @@ def training_set(run, epoch):
     """The real images, plus in fine-tuning every synthetic image of the rounds recorded so far."""
     if epoch.phase == "pretrain":
         return run.task.train
-    rows = [r for r in read_metadata(run.folder.metadata) if r["round"] < len(run.metrics["rounds"])]
+    rows = [r for r in read_metadata(run.folder.metadata) if r["round"] < len(run.metrics["rounds"]) and kept(run.args, r)]
     synthetic = tasks.Images([run.folder.synthetic / r["file_name"] for r in rows], [r["label"] for r in rows],
                              run.task.train_tf, run.task.mode)
     return ConcatDataset([run.task.train, synthetic])
+
+
+def kept(args, row):
+    """Whether a synthetic image is trained on: with --label-filter, only if the judge's or its round predictor's
+    top-1 is the class asked for."""
+    column = dict(judge="judge_label", predictor="predicted_label").get(args.label_filter)
+    return column is None or row[column] == row["label"]
 
 
 def train_epoch(run, epoch, dataset):
@@ -229,6 +236,8 @@ def record_epoch(run, epoch, loss, lr, synthetic):
                                             run.args.workers)
         run.metrics["epochs"].append(dict(epoch=epoch.index, phase=epoch.phase, phase_epoch=epoch.number, lr=lr,
                                           loss=loss, real=len(run.task.train), synthetic=synthetic, **accuracy))
+        if epoch.index == run.args.pretrain_epochs - 1 and run.task.val is not None:
+            run.metrics["class_groups"]["hard"] = tasks.weakest_classes(accuracy["val_per_class_acc"])
         run.state = dict(epoch=epoch.index, num_classes=len(run.task.classes), head=run.head.state_dict(),
                          optimizer=run.optimizer.state_dict(), schedule=run.schedule.state_dict(),
                          metrics=run.metrics, config=train_flags.saved_config(run.args))
@@ -292,9 +301,10 @@ def round_prompts(args, task, folder, rnd):
     return {}
 
 
-def round_guidance(args):
-    """How Algorithm 1 guides every image of a run (ltg.Guidance from the flags)."""
-    return ltg.Guidance(w=args.guidance_weight, signal=args.signal, rescale=args.rescale, every=args.guide_every)
+def round_guidance(args, guided=True):
+    """How Algorithm 1 guides an image of a run (ltg.Guidance from the flags); w = 0 for the unguided share."""
+    return ltg.Guidance(w=args.guidance_weight if guided else 0.0, signal=args.signal, rescale=args.rescale,
+                        every=args.guide_every)
 
 
 def sample_batch(args, task, diffusion, head, labels, prompts, seeds, guidance, steps=None):
@@ -310,16 +320,21 @@ def generate_round(args, task, diffusion, head, folder, rnd, count, rank=0, worl
     """Round `rnd`: `count` images, class i % C for image i, guided by the predictor as it is now. Returns its rows."""
     done = {(r["round"], r["index"]) for r in generated_rows(folder)}
     mine = read_metadata(folder.shard(rank))
-    batches = [range(s, min(s + args.gen_batch, count)) for s in range(0, count, args.gen_batch)]
+    unguided = round(args.unguided_share * count)  # images 0..unguided-1 of the round are made with w = 0
+    batches = [range(s, min(s + args.gen_batch, end)) for start, end in ((0, unguided), (unguided, count))
+               for s in range(start, end, args.gen_batch)]
     todo = [b for i, b in enumerate(batches) if i % world == rank and (rnd, b[0]) not in done]
-    guidance = round_guidance(args)
     refined = round_prompts(args, task, folder, rnd)
     for batch in tqdm(todo, desc=f"round {rnd}", disable=rank != 0, leave=False):
         labels = [i % len(task.classes) for i in batch]
         prompts = [image_prompt(task, refined, c, i) for c, i in zip(labels, batch)]
         seeds = [derive_seed(args.seed, rnd, i) for i in batch]
+        guidance = round_guidance(args, guided=batch[0] >= unguided)
         out = sample_batch(args, task, diffusion, head, labels, prompts, seeds, guidance)
-        rows = metadata_rows(out, task.classes, args.guidance_weight, rnd, batch, labels, prompts, seeds)
+        rows = metadata_rows(out, task.classes, guidance.w, rnd, batch, labels, prompts, seeds)
+        if args.label_filter == "judge":
+            for row, label in zip(rows, judge_labels(task, out.images)):
+                row["judge_label"] = label
         for row, image in zip(rows, out.images):
             write_png(folder.synthetic / row["file_name"], image)
         mine += rows
@@ -330,6 +345,13 @@ def generate_round(args, task, diffusion, head, folder, rnd, count, rank=0, worl
         shutil.rmtree(folder.generation, ignore_errors=True)
     barrier(world)
     return [r for r in generated_rows(folder) if r["round"] == rnd]
+
+
+@torch.no_grad()
+def judge_labels(task, images):
+    """The judge's top-1 of generated images [B, C, H, W] in [0, 1], at the 8 bits they are written with."""
+    pixels = (images.cpu() * 255).round() / 255
+    return task.judge()(torch.stack([task.test.transform(im) for im in pixels])).argmax(1).tolist()
 
 
 def write_card(run):
@@ -376,7 +398,9 @@ def new_metrics(dataset, task, budget):
     return dict(dataset=dataset, classes=task.classes,
                 class_groups=tasks.class_groups(task.train_labels, C, rarest_third=dataset == "digits"),
                 class_group_rule=f"real training images: many-shot > {tasks.MANY_SHOT}, medium-shot {tasks.FEW_SHOT}-"
-                                 f"{tasks.MANY_SHOT}, few-shot < {tasks.FEW_SHOT}; tail: the rarest third (digits only)",
+                                 f"{tasks.MANY_SHOT}, few-shot < {tasks.FEW_SHOT}; tail: the rarest third (digits only); "
+                                 "hard: the weakest third on validation at the end of pretraining (where there is a "
+                                 "validation set), set then",
                 train_counts=np.bincount(task.train_labels, minlength=C).tolist(), synthetic_budget=budget,
                 epochs=[], rounds=[])
 
