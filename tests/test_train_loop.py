@@ -113,11 +113,19 @@ def test_run_folder_holds_the_results(reference_run):
     assert [(e["phase"], e["phase_epoch"]) for e in metrics["epochs"]] == [("pretrain", 0), ("finetune", 0),
                                                                            ("finetune", 1), ("finetune", 2)]
     counts = metrics["train_counts"]
-    # the long-tail field's groups by real training images (> 100, 20-100, < 20), and the digits' rarest third
+    # the long-tail field's groups by real training images (> 100, 20-100, < 20), the digits' rarest third, and the
+    # weakest third on validation at the end of pretraining
+    first = metrics["epochs"][0]
     assert metrics["class_groups"] == dict(many=[c for c in range(10) if counts[c] > 100],
                                            medium=[c for c in range(10) if 20 <= counts[c] <= 100],
-                                           few=[c for c in range(10) if counts[c] < 20], tail=[7, 8, 9])
-    assert all(metrics["class_groups"][g] for g in ("many", "medium", "few"))
+                                           few=[c for c in range(10) if counts[c] < 20], tail=[7, 8, 9],
+                                           hard=tasks.weakest_classes(first["val_per_class_acc"]))
+    assert metrics["class_groups"]["medium"] and metrics["class_groups"]["few"]   # digits' head has < 100 images
+    assert "hard_acc" not in first and all("hard_acc" in e for e in metrics["epochs"][1:])
+    for e in metrics["epochs"]:  # the validation and shifted sets are evaluated like the test set, every epoch
+        for prefix in ("", "val_", "shifted_"):
+            assert e[f"{prefix}worst_acc"] == pytest.approx(min(e[f"{prefix}per_class_acc"]), abs=1e-6)
+            assert e[f"{prefix}worst_acc"] <= e[f"{prefix}acc"]
     assert 25 <= counts[0] / counts[-1] <= 40, counts                  # imbalance ratio about 30
     budget = metrics["synthetic_budget"]
     assert budget == round(0.1 * sum(counts))
@@ -129,8 +137,9 @@ def test_run_folder_holds_the_results(reference_run):
     for e in metrics["epochs"]:
         per_class = np.array(e["per_class_acc"])
         for group, classes in metrics["class_groups"].items():   # each group's top-1 over its test images
-            expected = (per_class[classes] * test_counts[classes]).sum() / test_counts[classes].sum()
-            assert e[f"{group}_acc"] == pytest.approx(expected, abs=1e-5), group
+            if f"{group}_acc" in e:
+                expected = (per_class[classes] * test_counts[classes]).sum() / test_counts[classes].sum() if classes else None
+                assert e[f"{group}_acc"] == pytest.approx(expected, abs=1e-5), group
         assert e["acc"] == pytest.approx((per_class * test_counts).sum() / test_counts.sum(), abs=1e-5)
     rows = run_folder.read_metadata(reference_run / "synthetic" / "metadata.jsonl")
     assert len(rows) == budget
@@ -256,29 +265,43 @@ def test_init_from_a_pretrained_run_ends_as_an_independent_run(foundation, refer
 
 def test_compare_runs_the_arms_and_reports_paired_differences(foundation, reference_run, tmp_path):
     out = tmp_path / "cmp"
-    args = ["--seeds", "2", "--sweep", "0,0.5", "--budgets", "0.05", "--out", out, "--", *TINY, "--diffusion", foundation]
+    args = ["--seeds", "1", "--profiles", "30,10@1", "--sweep", "0,0.5", "--budgets", "0.05",
+            "--variant", "filter=--label-filter judge", "--out", out, "--", *TINY, "--diffusion", foundation]
     run_script(*args, cwd=tmp_path, script=ROOT / "bench" / "compare.py")
     report = json.loads((out / "comparison.json").read_text())
-    assert list(report["arms"]) == ["real", "unguided", "ltg", "w0.5", "unguided-x0.05", "ltg-x0.05"]
-    assert report["accuracies"] == ["acc", "many_acc", "medium_acc", "few_acc", "tail_acc"]
+    assert list(report["profiles"]) == ["r30", "r10-o1"]
+    names = ["real", "unguided", "ltg", "w0.5", "unguided-x0.05", "ltg-x0.05", "ltg+filter"]
+    assert all(list(p["arms"]) == names for p in (*report["profiles"].values(), report["pooled"]))
+    assert report["accuracies"][:7] == ["acc", "medium_acc", "few_acc", "tail_acc", "hard_acc", "worst_acc",
+                                        "shifted_acc"] and "val_acc" in report["accuracies"]
     # an arm started from a sibling's pretrained predictor (--init-from) ends exactly as an independent run
-    assert (json.loads((out / "ltg" / "seed0" / "metrics.json").read_text())
+    assert (json.loads((out / "r30" / "ltg" / "seed0" / "metrics.json").read_text())
             == json.loads((reference_run / "metrics.json").read_text()))
-    assert json.loads((out / "ltg" / "seed0" / "config.json").read_text())["init_from"].endswith("real/seed0/pretrained.pt")
-    for name, arm in report["arms"].items():
+    config = json.loads((out / "r10-o1" / "ltg+filter" / "seed0" / "config.json").read_text())
+    assert config["init_from"].endswith("r10-o1/real/seed0/pretrained.pt") and config["label_filter"] == "judge"
+    assert (config["imbalance"], config["class_order"]) == (10, "1")
+    counts = report["profiles"]["r10-o1"]["train_counts"]
+    assert counts[tasks.class_order("1", 10)[0]] == max(counts) and max(counts) / min(counts) == pytest.approx(10, rel=.3)
+    pooled = report["pooled"]["arms"]
+    for name, arm in pooled.items():
         assert arm["acc"]["n"] == 2 and len(arm["per_seed"]) == 2
         assert (arm["signal"] is None) == (name == "real")
-    ltg_arm, unguided = report["arms"]["ltg"], report["arms"]["unguided"]
-    d = [a["tail_acc"] - b["tail_acc"] for a, b in zip(ltg_arm["per_seed"], unguided["per_seed"])]
-    assert ltg_arm["minus_unguided"]["tail_acc"]["mean"] == pytest.approx(sum(d) / 2)
-    assert ltg_arm["minus_unguided"]["tail_acc"]["se"] == pytest.approx(abs(d[0] - d[1]) / 2)
-    assert "minus_unguided" in report["arms"]["ltg-x0.05"] and "minus_unguided" not in unguided
+    ltg_arm, unguided, filtered = pooled["ltg"], pooled["unguided"], pooled["ltg+filter"]
+    d = [a["hard_acc"] - b["hard_acc"] for a, b in zip(ltg_arm["per_seed"], unguided["per_seed"])]
+    assert ltg_arm["minus_unguided"]["hard_acc"]["mean"] == pytest.approx(sum(d) / 2)
+    assert ltg_arm["minus_unguided"]["hard_acc"]["se"] == pytest.approx(abs(d[0] - d[1]) / 2)
+    assert "minus_unguided" in pooled["ltg-x0.05"] and "minus_unguided" not in unguided
+    assert "minus_ltg" in filtered and "minus_ltg" not in ltg_arm
     assert 0.0 < ltg_arm["guidance_ratio"]["mean"] and unguided["guidance_ratio"]["mean"] == 0.0
-    assert 0.0 <= ltg_arm["judge_acc"]["mean"] <= 1.0
-    for name in ("comparison.md", "comparison.png", "sweep.png", "budgets.png", "judge.pt"):
+    # the filtered arm trains on exactly the images the judge recognises
+    assert filtered["kept"]["mean"] == pytest.approx(filtered["judge_acc"]["mean"]) and ltg_arm["kept"]["mean"] == 1
+    best = max((n for n, a in pooled.items() if a["w"] > 0 and a["synthetic"] == 0.1), key=lambda n: pooled[n]["val_acc"]["mean"])
+    assert report["pooled"]["chosen_on_validation"] == best
+    for name in ("comparison.md", "comparison.png", "per_class.png", "rarest.png", "sweep.png", "budgets.png"):
         assert (out / name).is_file(), name
     markdown = (out / "comparison.md").read_text()
-    assert "| ltg | 0.07 | x0.1 |" in markdown and "| arm | overall | many-shot (> 100 images) |" in markdown
+    assert "| ltg | 0.07 | x0.1 |" in markdown and "| arm | w | synthetic | overall | medium-shot |" in markdown
+    assert "### Profile r10-o1" in markdown and "minus LTG" in markdown
     before = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
     run_script(*args, cwd=tmp_path, script=ROOT / "bench" / "compare.py")  # everything is done: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")} == before
@@ -288,6 +311,10 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     (["--sweep", "0,-1"], "--sweep '0,-1': expected comma-separated numbers >= 0"),
     (["--seeds", "0"], "--seeds 0: must be >= 1"),
     (["--", "--seed", "3"], "--seed is set per arm by compare.py"),
+    (["--profiles", "30,x"], "--profiles '30,x': 'x' is not RATIO or RATIO@SEED"),
+    (["--profiles", "30", "--", "--dataset", "flowers"], "--profiles shapes the digits' long tail"),
+    (["--variant", "Bad=--x"], "--variant 'Bad=--x': expected NAME=\"FLAGS\""),
+    (["--variant", "mix=--unguided-share 2"], "--unguided-share 2.0: must lie in 0..1"),
     (["--", "--guidance-weight", "-1"], "--guidance-weight -1.0: must be finite and >= 0"),
 ])
 def test_compare_refuses_bad_flags_in_one_line(flags, message, tmp_path, capsys):
@@ -436,6 +463,13 @@ def test_files_are_written_whole_with_the_umasks_mode(tmp_path):
                                                "pass --diffusion /path/to/a/local/copy"]),
     (["--init-from", "{tmp}/empty/pretrained.pt"], "--init-from {tmp}/empty/pretrained.pt: no such file"),
     (["--resume", "{tmp}/empty"], "no run there"),
+    (["--imbalance", "0.5"], "--imbalance 0.5: must be >= 1"),
+    (["--class-order", "1,2,3"], ["--class-order 1,2,3: expected a seed", "a permutation of 0..9"]),
+    (["--dataset", "flowers", "--imbalance", "10"], "--imbalance shapes the digits' long tail"),
+    (["--dataset", "flowers", "--class-order", "1"], "--class-order shapes the digits' long tail"),
+    (["--unguided-share", "1.5"], "--unguided-share 1.5: must lie in 0..1"),
+    (["--dataset", "flowers", "--label-filter", "judge"], "has no judge of generated images"),
+    (["--synthetic", "0", "--label-filter", "predictor"], "there are no synthetic images to filter"),
 ])
 def test_bad_flags_fail_in_one_line_and_write_nothing(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -468,6 +502,23 @@ def test_an_unwritable_out_is_one_line(capsys, torch_settings):
     assert proc.returncode == 2 and "cannot create the run folder /proc/ltg-cannot-be-here/run" in err, proc.stderr
 
 
+def test_unguided_share_and_label_filter(foundation, tmp_path):
+    """--unguided-share: the first share of every round is made with w = 0; --label-filter predictor: fine-tuning
+    sees only the synthetic images whose round predictor's label is the class asked for."""
+    run = tmp_path / "run"
+    run_script(*TINY, "--diffusion", foundation, "--unguided-share", "0.5", "--label-filter", "predictor",
+               "--out", run, cwd=tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = run_folder.read_metadata(run / "synthetic" / "metadata.jsonl")
+    for r in metrics["rounds"]:
+        mine = [row for row in rows if row["round"] == r["round"]]
+        unguided = round(0.5 * r["images"])
+        assert [row["w"] for row in mine] == [0.0] * unguided + [0.07] * (r["images"] - unguided)
+        assert all(row["guidance_ratio"] == 0 for row in mine[:unguided])
+    agree = [sum(row["predicted_label"] == row["label"] for row in rows if row["round"] <= r) for r in (0, 0, 1)]
+    assert [e["synthetic"] for e in metrics["epochs"][1:]] == agree
+
+
 def test_resume_refuses_a_checkpoint_with_another_class_count(copy_of_reference, capsys, torch_settings):
     state = torch.load(copy_of_reference / "checkpoint.pt")
     torch.save(state | {"num_classes": 5}, copy_of_reference / "checkpoint.pt")
@@ -481,7 +532,7 @@ def test_class_groups_follow_the_shot_thresholds():
     assert tasks.class_groups(labels, 6, rarest_third=True)["tail"] == [4, 5]
     correct, count = np.array([3, 0, 1, 0, 0, 0]), np.array([4, 2, 2, 0, 0, 0])
     assert tasks.split_accuracy(correct, count, dict(many=[0], medium=[1, 2], few=[3, 4, 5])) == dict(
-        acc=0.5, many_acc=0.75, medium_acc=0.25, few_acc=None)
+        acc=0.5, many_acc=0.75, medium_acc=0.25, few_acc=None, worst_acc=0.0)
 
 
 def test_default_schedule_and_budget_shares():
