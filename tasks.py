@@ -466,6 +466,7 @@ def torchvision_task(name, root, download, transforms, input_size):
     """Flowers102, OxfordIIITPet, StanfordCars or Caltech101 through torchvision."""
     train_tf, test_tf = transforms
     train, test = open_torchvision(name, root, (train_tf, test_tf), download)
+    val = datasets.Flowers102(root, "val", transform=test_tf) if name == "flowers" else None  # the official split
     if name == "caltech101":  # no official split: a fixed stratified 80/20 split of all images
         train_idx, test_idx = train_test_split(np.arange(len(train.y)), test_size=0.2, stratify=train.y, random_state=0)
         classes, labels = train.categories, [train.y[i] for i in train_idx]
@@ -474,23 +475,26 @@ def torchvision_task(name, root, download, transforms, input_size):
         classes = train.classes
         # the label lists torchvision keeps (reading them through __getitem__ would decode every image)
         labels = list(train._labels) if hasattr(train, "_labels") else [c for _, c in train._samples]
-    return Task(list(classes), train, test, {}, labels, train_tf, "RGB", PROMPTS[name], input_size)
+    return Task(list(classes), train, test, {}, labels, train_tf, "RGB", PROMPTS[name], input_size, val=val)
 
 
 def imagenet_lt_task(root, eval_sets, transforms, input_size):
     """ImageNet-LT from its list files in --data-root (lines 'train/n01440764/x.JPEG 0'), read image by image
-    (nothing held in memory), plus evaluation-only sets (ImageNet-V2, ImageNet-A) from local folders."""
+    (nothing held in memory), its validation list when there is one, plus evaluation-only sets (ImageNet-V2,
+    ImageNet-A) from local folders."""
     train_tf, test_tf = transforms
     lists = {}
-    for split in ("train", "test"):
+    for split in ("train", "test", "val"):
         path = Path(root) / f"ImageNet_LT_{split}.txt"
+        if split == "val" and not path.is_file():
+            continue
         if not path.is_file():
             raise Unavailable(f"no ImageNet-LT list {path.resolve()}; ImageNet-LT cannot be downloaded: put the "
                               "ImageNet images and ImageNet_LT_{train,test}.txt under --data-root")
         lists[split] = [line.split() for line in path.read_text().splitlines() if line.strip()]
     wnid_to_label = {Path(f).parent.name: int(label) for f, label in lists["train"]}
-    train, test = (Images([Path(root) / f for f, _ in lists[s]], [int(c) for _, c in lists[s]], tf)
-                   for s, tf in (("train", train_tf), ("test", test_tf)))
+    train, test, val = (Images([Path(root) / f for f, _ in lists[s]], [int(c) for _, c in lists[s]], tf) if s in lists
+                        else None for s, tf in (("train", train_tf), ("test", test_tf), ("val", test_tf)))
     evals = {}
     for spec in eval_sets:
         name, folder = spec.split("=", 1)
@@ -499,4 +503,4 @@ def imagenet_lt_task(root, eval_sets, transforms, input_size):
                               "it cannot be downloaded by torchvision: point --eval-set at a local copy")
         evals[name] = ImageNetFolder(folder, wnid_to_label, test_tf)
     classes = models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
-    return Task(classes, train, test, evals, train.labels, train_tf, "RGB", PROMPTS["imagenet-lt"], input_size)
+    return Task(classes, train, test, evals, train.labels, train_tf, "RGB", PROMPTS["imagenet-lt"], input_size, val=val)

@@ -722,6 +722,7 @@ def test_flowers_as_typed_downloads_loads_the_hub_default_and_stops_without_a_gp
     run = tmp_path / "runs" / "flowers-w0.1-x0.5-seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2 and metrics["rounds"][0]["images"] == 3 and len(urls) == 3
+    assert 0 <= metrics["epochs"][0]["val_acc"] <= 1 and "hard" in metrics["class_groups"]  # Flowers102's val split
     rows = run_folder.read_metadata(run / "synthetic" / "metadata.jsonl")
     assert metrics["classes"][0] == "pink primrose" and len(metrics["classes"]) == 102
     assert [r["prompt"] for r in rows] == [f"a photo of a {c}, a type of flower." for c in metrics["classes"][:3]]
@@ -768,15 +769,15 @@ def jpeg(path, rng, size=8):
 
 
 def tiny_imagenet_lt(root, counts=(101, 20, 5), test_per_class=2, classes=1000):
-    """ImageNet_LT_{train,test}.txt over train/<wnid>/*.JPEG with a many-, a medium- and a few-shot class (test
-    images of those three) and one image of every other class, and two evaluation-only folders: ImageNet-V2's
+    """ImageNet_LT_{train,test,val}.txt over <split>/<wnid>/*.JPEG with a many-, a medium- and a few-shot class (test
+    and validation images of those three) and one image of every other class, and two evaluation-only folders: ImageNet-V2's
     layout (folders by label) and ImageNet-A's (by WordNet id, a subset of the classes)."""
     rng = np.random.default_rng(0)
-    lines = {"train": [], "test": []}
+    lines = {"train": [], "test": [], "val": []}
     wnids = [*WNIDS, *(f"n9{c:07d}" for c in range(len(WNIDS), classes))]
     for label, wnid in enumerate(wnids):
         for split, k in (("train", counts[label] if label < len(counts) else 1),
-                         ("test", test_per_class if label < len(counts) else 0)):
+                         ("test", test_per_class if label < len(counts) else 0), ("val", int(label < len(counts)))):
             for i in range(k):
                 jpeg(root / split / wnid / f"{i}.JPEG", rng)
                 lines[split].append(f"{split}/{wnid}/{i}.JPEG {label}")
@@ -831,10 +832,11 @@ def test_imagenet_lt_with_the_livt_recipe_end_to_end(tiny_vit, tiny_sd_path, tmp
     assert metrics["class_groups"]["many"] == [0] and metrics["class_groups"]["medium"] == [1]
     assert metrics["class_groups"]["few"] == list(range(2, 1000)) and "tail" not in metrics["class_groups"]
     for e in metrics["epochs"]:
-        for prefix in ("", "imagenet-v2_", "imagenet-a_"):
+        for prefix in ("", "val_", "imagenet-v2_", "imagenet-a_"):  # ImageNet_LT_val.txt, when present, is evaluated
             for key in ("acc", "many_acc", "medium_acc", "few_acc"):
                 value = e[prefix + key]
                 assert value is None if (prefix, key) == ("imagenet-a_", "many_acc") else 0 <= value <= 1, prefix + key
+    assert metrics["class_groups"]["hard"] == tasks.weakest_classes(metrics["epochs"][0]["val_per_class_acc"])
     rows = run_folder.read_metadata(run / "synthetic" / "metadata.jsonl")
     assert len(rows) == metrics["synthetic_budget"] == round(0.03 * sum(metrics["train_counts"]))
     assert [r["prompt"] for r in rows[:4]] == ["a photo of a tench.", "a photo of a goldfish.",
