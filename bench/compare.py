@@ -289,10 +289,22 @@ def arm_rows(arms, results, keys):
     return rows
 
 
-def chosen_on_validation(rows, synthetic):
-    """The guided arm at the main budget with the best mean validation top-1 (ties: the earlier arm)."""
-    candidates = [n for n, r in rows.items() if r["w"] > 0 and r["synthetic"] == synthetic and r.get("val_acc")]
-    return max(candidates, key=lambda n: rows[n]["val_acc"]["mean"]) if candidates else None
+def chosen_on_validation(profiles, pooled, synthetic):
+    """The rule that picks LTG's settings, on validation only: a guided arm at the main budget (another w, a
+    variant) replaces "ltg" if its validation top-1 minus LTG's, paired over every profile and seed, is more than
+    one standard error above zero and no profile's mean difference is negative; the best such arm, else "ltg"."""
+    def val_minus_ltg(rows, name):
+        return paired([r["val_acc"] for r in rows[name]["per_seed"]], [r["val_acc"] for r in rows["ltg"]["per_seed"]])
+    if "ltg" not in pooled or "val_acc" not in pooled["ltg"] or pooled["ltg"]["val_acc"] is None:
+        return None
+    gains = {}
+    for name, row in pooled.items():
+        if name == "ltg" or row["w"] == 0 or row["synthetic"] != synthetic:
+            continue
+        d = val_minus_ltg(pooled, name)
+        if d["mean"] > d["se"] and all(val_minus_ltg(p["arms"], name)["mean"] >= 0 for p in profiles.values()):
+            gains[name] = d["mean"]
+    return max(gains, key=gains.get) if gains else "ltg"
 
 
 def evidence_report(args, base, arms, results):
@@ -302,8 +314,7 @@ def evidence_report(args, base, arms, results):
     for profile, by_arm in results.items():
         rows = arm_rows(arms, by_arm, keys)
         first = next(iter(by_arm.values()))[0]
-        profiles[profile] = dict(train_counts=first["train_counts"], class_groups=first["class_groups"], arms=rows,
-                                 chosen_on_validation=chosen_on_validation(rows, base.synthetic))
+        profiles[profile] = dict(train_counts=first["train_counts"], class_groups=first["class_groups"], arms=rows)
     pooled = arm_rows(arms, {name: [r for by_arm in results.values() for r in by_arm[name]] for name in arms}, keys)
     return dict(dataset=base.dataset, accuracies=keys, seeds=args.seeds, guidance_weight=base.guidance_weight,
                 rescale=base.rescale, synthetic=base.synthetic, schedule=base.rounds, epochs=base.epochs,
@@ -311,7 +322,8 @@ def evidence_report(args, base, arms, results):
                 command=shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                 machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-                profiles=profiles, pooled=dict(arms=pooled, chosen_on_validation=chosen_on_validation(pooled, base.synthetic)))
+                profiles=profiles, pooled=pooled,
+                chosen_on_validation=chosen_on_validation(profiles, pooled, base.synthetic))
 
 
 SHORT = dict(acc="overall", many="many-shot", medium="medium-shot", few="few-shot", tail="tail", hard="hard",
@@ -369,17 +381,18 @@ def evidence_markdown(report):
              "a classifier trained on the balanced training pool assigns to their intended class"
              + (" (its own top-1: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["judge_acc"].items()) + ")"
                 if "judge_acc" in report else "") + ".", "", f"Command: `{report['command']}`", ""]
+    if report["chosen_on_validation"]:
+        lines += [f"Chosen on validation: **{report['chosen_on_validation']}** (another w or option replaces LTG's "
+                  "settings only if its validation top-1 minus LTG's, paired over profiles and seeds, is more than one "
+                  "standard error above zero and negative on no profile).", ""]
     profiles = report["profiles"]
     if len(profiles) > 1:
-        pooled = report["pooled"]
-        lines += arms_markdown(f"All {len(profiles)} profiles pooled (paired over profile and seed)", pooled["arms"],
+        lines += arms_markdown(f"All {len(profiles)} profiles pooled (paired over profile and seed)", report["pooled"],
                                keys, f"{len(profiles)} profiles × {report['seeds']} seeds")
-        lines += [f"Chosen on validation (all profiles): **{pooled['chosen_on_validation']}**.", ""]
     for name, profile in profiles.items():
         groups = ", ".join(f"{g} {c}" for g, c in profile["class_groups"].items() if c)
         lines += arms_markdown(f"Profile {name}: real training images per class {profile['train_counts']}; {groups}",
                                profile["arms"], keys, f"{report['seeds']} seeds")
-        lines += [f"Chosen on validation: **{profile['chosen_on_validation']}**.", ""]
     lines += ["Guidance ratio: |w sqrt(1 - abar) grad| / |eps| at the median guided step.", ""]
     return "\n".join(lines)
 
@@ -427,7 +440,7 @@ def plot_per_class(path, report, arms=("real", "unguided", "ltg")):
 def plot_rarest(path, out, report, profiles, classes=3, images=6, seed=0):
     """Digits: the three rarest classes of each profile, its real training images, then the images each generating
     arm made for them (seed 0, round 0; title: the longtail signal, red where the judge disagrees with the class)."""
-    names = [n for n, r in report["pooled"]["arms"].items() if r["synthetic"] == report["synthetic"] > 0]
+    names = [n for n, r in report["pooled"].items() if r["synthetic"] == report["synthetic"] > 0]
     judge, (_, test_tf) = tasks.digits_judge(), tasks.digits_transforms()
     rows_per_profile = 1 + len(names)
     fig, axes = plt.subplots(rows_per_profile * len(profiles), classes * images, squeeze=False,
@@ -485,7 +498,7 @@ def plot_sweep(path, out, names, arms, seed=0, images=8):
 def plot_budgets(path, report):
     """Data efficiency: test top-1 of unguided and LTG data at each synthetic budget, mean ± std over every profile
     and seed."""
-    arms = report["pooled"]["arms"]
+    arms = report["pooled"]
     fig, ax = plt.subplots(figsize=(6, 4))
     tail = "tail_acc" if "tail_acc" in report["accuracies"] else "few_acc"
     for kind, w_zero in (("unguided", True), ("LTG", False)):

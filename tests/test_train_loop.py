@@ -271,7 +271,7 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     report = json.loads((out / "comparison.json").read_text())
     assert list(report["profiles"]) == ["r30", "r10-o1"]
     names = ["real", "unguided", "ltg", "w0.5", "unguided-x0.05", "ltg-x0.05", "ltg+filter"]
-    assert all(list(p["arms"]) == names for p in (*report["profiles"].values(), report["pooled"]))
+    assert list(report["pooled"]) == names and all(list(p["arms"]) == names for p in report["profiles"].values())
     assert report["accuracies"][:7] == ["acc", "medium_acc", "few_acc", "tail_acc", "hard_acc", "worst_acc",
                                         "shifted_acc"] and "val_acc" in report["accuracies"]
     # an arm started from a sibling's pretrained predictor (--init-from) ends exactly as an independent run
@@ -282,7 +282,7 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     assert (config["imbalance"], config["class_order"]) == (10, "1")
     counts = report["profiles"]["r10-o1"]["train_counts"]
     assert counts[tasks.class_order("1", 10)[0]] == max(counts) and max(counts) / min(counts) == pytest.approx(10, rel=.3)
-    pooled = report["pooled"]["arms"]
+    pooled = report["pooled"]
     for name, arm in pooled.items():
         assert arm["acc"]["n"] == 2 and len(arm["per_seed"]) == 2
         assert (arm["signal"] is None) == (name == "real")
@@ -295,8 +295,7 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     assert 0.0 < ltg_arm["guidance_ratio"]["mean"] and unguided["guidance_ratio"]["mean"] == 0.0
     # the filtered arm trains on exactly the images the judge recognises
     assert filtered["kept"]["mean"] == pytest.approx(filtered["judge_acc"]["mean"]) and ltg_arm["kept"]["mean"] == 1
-    best = max((n for n, a in pooled.items() if a["w"] > 0 and a["synthetic"] == 0.1), key=lambda n: pooled[n]["val_acc"]["mean"])
-    assert report["pooled"]["chosen_on_validation"] == best
+    assert report["chosen_on_validation"] == load_compare().chosen_on_validation(report["profiles"], pooled, 0.1)
     for name in ("comparison.md", "comparison.png", "per_class.png", "rarest.png", "sweep.png", "budgets.png"):
         assert (out / name).is_file(), name
     markdown = (out / "comparison.md").read_text()
@@ -305,6 +304,23 @@ def test_compare_runs_the_arms_and_reports_paired_differences(foundation, refere
     before = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")}
     run_script(*args, cwd=tmp_path, script=ROOT / "bench" / "compare.py")  # everything is done: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")} == before
+
+
+def test_an_option_replaces_ltg_only_if_it_wins_on_validation_in_every_profile():
+    compare = load_compare()
+    def arm(w, val, flags=""):  # two profiles x two seeds of validation top-1
+        runs = [dict(val_acc=v) for v in val]
+        return dict(w=w, synthetic=6.0, flags=flags, val_acc=dict(mean=sum(val) / 4), per_seed=runs)
+    ltg = [0.90, 0.91, 0.92, 0.93]
+    pooled = dict(unguided=arm(0, [0.8] * 4), ltg=arm(0.07, ltg),
+                  steady=arm(0.07, [v + 0.01 for v in ltg], "x"),                   # +1 pp on every seed: wins
+                  noisy=arm(0.07, [v + d for v, d in zip(ltg, (0.04, -0.03, 0.04, -0.03))], "y"),   # within its SE
+                  one_sided=arm(0.07, [v + d for v, d in zip(ltg, (0.03, 0.03, -0.001, -0.001))], "z"))  # loses one
+    profiles = {p: dict(arms={n: dict(a, per_seed=a["per_seed"][2 * i:2 * i + 2]) for n, a in pooled.items()})
+                for i, p in enumerate(("r30", "r10"))}
+    assert compare.chosen_on_validation(profiles, pooled, 6.0) == "steady"
+    del pooled["steady"]
+    assert compare.chosen_on_validation(profiles, pooled, 6.0) == "ltg"
 
 
 @pytest.mark.parametrize("flags, message", [
