@@ -41,9 +41,8 @@ DEFAULTS = {
 CHANGEABLE_ON_RESUME = ("threads", "workers", "device", "download", "data_root", "vlm_url", "llm_url")
 # What a run's pretraining depends on: --init-from takes these from the checkpoint it starts from.
 PRETRAINING = ("dataset", "imbalance", "class_order", "arch", "head", "head_samples", "pretrain_epochs", "batch_size",
-               "lr", "seed", "input_size",
-               "loss", "smoothing", "mixup", "augment", "optimizer", "weight_decay", "layer_decay", "warmup_epochs",
-               "min_lr", "drop_path")
+               "lr", "seed", "input_size", "loss", "smoothing", "mixup", "augment", "optimizer", "weight_decay",
+               "layer_decay", "warmup_epochs", "min_lr", "drop_path")
 
 
 
