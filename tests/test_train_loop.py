@@ -416,9 +416,12 @@ def test_the_default_command_after_a_kill_points_to_resume(foundation, tmp_path)
 
 
 def test_ctrl_c_prints_one_line(foundation, tmp_path):
+    # SIGINT at its default in the child, as in a terminal: a suite started in the background (`cmd &`) inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), *TINY, "--diffusion", foundation,
                              "--out", tmp_path / "run"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (tmp_path / "run" / "config.json").exists():
         assert proc.poll() is None and time.time() < deadline
