@@ -238,7 +238,7 @@ def run_summary(run, judge):
     last = metrics["epochs"][-1]
     rows = read_metadata(folder.metadata)
     mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
-    scores = {k: v for k, v in last.items() if k == "acc" or k.endswith("_acc") and not k.endswith("per_class_acc")}
+    scores = {k: v for k, v in last.items() if is_accuracy(k)}
     return dict(scores, signal=mean("signal"), guidance_ratio=mean("guidance_ratio"),
                 judge_acc=judge_accuracy(judge, folder, rows) if judge else None,
                 kept=last["synthetic"] / len(rows) if rows else None, per_class_acc=last["per_class_acc"],
@@ -248,9 +248,14 @@ def run_summary(run, judge):
 SUMMARY_STATS = ("signal", "guidance_ratio", "judge_acc", "kept")
 
 
+def is_accuracy(key):
+    """A metrics.json top-1 figure of a set or group ('acc', 'val_acc', 'shifted_few_acc', ...), not a list."""
+    return key == "acc" or key.endswith("_acc") and not key.endswith("per_class_acc")
+
+
 def accuracy_keys(runs):
     """The accuracies every run has: test (overall, per group of classes, worst class), then shifted, then val."""
-    keys = [k for k in runs[0] if k == "acc" or k.endswith("_acc") and k not in ("judge_acc", "per_class_acc")]
+    keys = [k for k in runs[0] if is_accuracy(k) and k not in SUMMARY_STATS]
     keys = [k for k in keys if all(r.get(k) is not None for r in runs)]
     return sorted(keys, key=lambda k: (k.startswith("val_"), k.startswith("shifted_")))
 
@@ -295,7 +300,7 @@ def chosen_on_validation(profiles, pooled, synthetic):
     one standard error above zero and no profile's mean difference is negative; the best such arm, else "ltg"."""
     def val_minus_ltg(rows, name):
         return paired([r["val_acc"] for r in rows[name]["per_seed"]], [r["val_acc"] for r in rows["ltg"]["per_seed"]])
-    if "ltg" not in pooled or "val_acc" not in pooled["ltg"] or pooled["ltg"]["val_acc"] is None:
+    if pooled.get("ltg", {}).get("val_acc") is None:
         return None
     gains = {}
     for name, row in pooled.items():
@@ -437,11 +442,16 @@ def plot_per_class(path, report, arms=("real", "unguided", "ltg")):
     write_figure(path, fig)
 
 
+def read_digit(path):
+    """A generated digit's PNG -> [1, 8, 8] in [0, 1]."""
+    with Image.open(path) as im:
+        return torch.tensor(np.asarray(im) / 255, dtype=torch.float32)[None]
+
+
 def plot_rarest(path, out, report, profiles, classes=3, images=6, seed=0):
     """Digits: the three rarest classes of each profile, its real training images, then the images each generating
     arm made for them (seed 0, round 0; title: the longtail signal, red where the judge disagrees with the class)."""
     names = [n for n, r in report["pooled"].items() if r["synthetic"] == report["synthetic"] > 0]
-    judge, (_, test_tf) = tasks.digits_judge(), tasks.digits_transforms()
     rows_per_profile = 1 + len(names)
     fig, axes = plt.subplots(rows_per_profile * len(profiles), classes * images, squeeze=False,
                              figsize=(0.6 * classes * images, 0.75 * rows_per_profile * len(profiles)))
@@ -460,12 +470,11 @@ def plot_rarest(path, out, report, profiles, classes=3, images=6, seed=0):
             rows = [r for r in read_metadata(folder.metadata) if r["round"] == 0]
             axes[top + 1 + a_i, 0].set_ylabel(name, fontsize=6)
             for c_i, c in enumerate(rarest):
-                for j, r in enumerate([r for r in rows if r["label"] == c][:images]):
-                    with Image.open(folder.synthetic / r["file_name"]) as im:
-                        pixels = np.asarray(im)
-                    guess = judge(test_tf(torch.tensor(pixels[None] / 255, dtype=torch.float32))[None]).argmax(1).item()
+                mine = [r for r in rows if r["label"] == c][:images]
+                pixels = torch.stack([read_digit(folder.synthetic / r["file_name"]) for r in mine])  # [n, 1, 8, 8]
+                for j, (r, guess) in enumerate(zip(mine, train_loop.judge_labels(task, pixels))):
                     ax = axes[top + 1 + a_i, c_i * images + j]
-                    ax.imshow(pixels, cmap="gray", vmin=0, vmax=255)
+                    ax.imshow(pixels[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
                     ax.set_title(f"{r['signal']:.2f}", fontsize=5, color="black" if guess == c else "red")
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
